@@ -1,0 +1,1 @@
+"""Preference data: files in, token-id groups and padded batches out (see README, "Data")."""

@@ -1,0 +1,126 @@
+"""The DPO objective: sequence log-probs in, per-pair losses, implicit rewards and metrics out.
+
+Every loss here is a function of one number per preference pair, the log-ratio margin
+
+    h = (log pi(y_c|x) - log ref(y_c|x)) - (log pi(y_r|x) - log ref(y_r|x))
+
+(c = chosen, r = rejected; pi = policy being trained, ref = frozen reference). The loss types
+differ only in what they do with beta * h; see `preference_loss`.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --- log-probs
+# (sequence log-prob functions go here: logits + labels + response_mask -> (B,) log-probs)
+
+# --- losses
+
+LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta, loss_type="sigmoid", label_smoothing=0.0, reference_free=False):
+    """Per-pair preference losses and implicit rewards.
+
+    All four log-prob inputs are (B,) tensors, one sequence log-prob per pair. Whether those are
+    summed over the response tokens or averaged per token is the caller's choice (the trainer
+    exposes it as a config option); this function uses whatever it is given. DPO's paper uses
+    summed log-probs; IPO's paper (Azar et al. 2023) means length-averaged ones.
+
+    loss_type (z = beta * h, eps = label_smoothing):
+      "sigmoid": DPO (Rafailov et al. 2023, Eq. 7): -log sigmoid(z). With eps > 0 it is
+                 conservative DPO (cDPO, Mitchell 2023), which assumes each label is flipped with
+                 probability eps: -(1 - eps) log sigmoid(z) - eps log sigmoid(-z).
+      "robust":  unbiased robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"):
+                 [(1 - eps)(-log sigmoid(z)) - eps(-log sigmoid(-z))] / (1 - 2 eps).
+                 Its expectation over eps-noisy labels is the clean DPO loss. It can be negative.
+      "ipo":     IPO (Azar et al. 2023, Eq. 17): (h - 1 / (2 beta))^2, beta playing IPO's tau.
+      "hinge":   SLiC's hinge (Zhao et al. 2023): relu(1 - z).
+
+    reference_free=True takes the reference log-probs as 0 everywhere (in h and in the rewards);
+    the reference tensors are then ignored and may be None.
+
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,) fp32. The rewards are the
+    implicit DPO rewards beta * (policy - reference) log-probs, detached: they are for logging.
+    Everything is computed in fp32 even for bf16/fp16 inputs; gradients flow back to the inputs.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {', '.join(LOSS_TYPES)}")
+    if not (math.isfinite(float(beta)) and float(beta) > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}; it is the KL penalty strength "
+                         "(DPO papers use 0.1 to 0.5)")
+    if not 0.0 <= float(label_smoothing) < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}; it is the assumed "
+                         "probability that a preference label is flipped (0 = labels are trusted)")
+    if label_smoothing > 0 and loss_type in ("ipo", "hinge"):
+        raise ValueError(f"label_smoothing={label_smoothing!r} is not defined for loss_type {loss_type!r}; "
+                         "it only applies to 'sigmoid' (cDPO) and 'robust'. Set label_smoothing=0")
+
+    named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps}
+    if not reference_free:
+        named |= {"reference_chosen_logps": reference_chosen_logps,
+                  "reference_rejected_logps": reference_rejected_logps}
+    for name, logps in named.items():
+        if not isinstance(logps, torch.Tensor):
+            raise ValueError(f"{name} must be a (B,) tensor of sequence log-probs, got {type(logps).__name__}"
+                             + ("; pass reference_free=True to train without a reference model"
+                                if logps is None else ""))
+    shapes = {name: tuple(logps.shape) for name, logps in named.items()}
+    if len(set(shapes.values())) != 1 or len(policy_chosen_logps.shape) != 1:
+        raise ValueError(f"log-prob inputs must all have the same shape (B,), one sequence log-prob per "
+                         f"preference pair; got {shapes}")
+
+    # Upcast before any arithmetic: in bf16, (-256) - (-1.0078125) already rounds to -255.
+    policy_chosen_logps = policy_chosen_logps.float()
+    policy_rejected_logps = policy_rejected_logps.float()
+    if reference_free:
+        reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
+        reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
+    else:
+        reference_chosen_logps = reference_chosen_logps.float()
+        reference_rejected_logps = reference_rejected_logps.float()
+
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,)
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    z = beta * h
+    eps = float(label_smoothing)
+
+    # logsigmoid, not log(sigmoid): log(sigmoid(-1e4)) is log(0) = -inf in fp32.
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)  # DPO Eq. 7; cDPO when eps > 0
+    elif loss_type == "robust":
+        # Chowdhury et al. 2024: the true-label loss minus the flipped-label loss, weighted so that
+        # the eps-noise cancels in expectation.
+        losses = ((1 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1 - 2 * eps)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2  # IPO Eq. 17, regress h onto 1/(2 tau)
+    else:  # hinge
+        losses = F.relu(1 - z)  # SLiC hinge with margin 1 on beta * h
+
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# --- metrics
+
+def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+    """Batch means for logging, as 0-dim fp32 tensors left on the inputs' device and detached.
+
+    No .item() here: the trainer all-reduces these and syncs with the host once per log step.
+    Names follow TRL's so dashboards read the same.
+    """
+    chosen_rewards = chosen_rewards.detach().float()
+    rejected_rewards = rejected_rewards.detach().float()
+    return {
+        "loss": losses.detach().float().mean(),
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": policy_chosen_logps.detach().float().mean(),
+        "logps/rejected": policy_rejected_logps.detach().float().mean(),
+    }

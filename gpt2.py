@@ -1,0 +1,476 @@
+"""GPT-2 in one file: the model, Hugging Face weight loading and export, and KV-cache sampling.
+
+The module names mirror transformers' GPT2LMHeadModel (transformer.h.N.attn.c_attn, ...) so that
+a checkpoint maps onto it key by key; the only rewrite is the transpose of HF's Conv1D weights.
+Parallelism (FSDP, activation checkpointing) is applied to this model from outside, in
+fsdp_train.py; nothing here knows about it. This file imports only torch, safetensors and
+huggingface_hub.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+EOT_ID = 50256  # <|endoftext|>, GPT-2's end-of-text token
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_inner: int | None = None           # MLP hidden width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"  # GPT-2's tanh approximation of GELU
+    scale_attn_weights: bool = True      # divide attention scores by sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False  # also by (layer index + 1), a HF option
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
+                             f"use one of {sorted(ACTIVATIONS)}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "GPTConfig":
+        key = name.removeprefix("openai-community/")
+        if key not in PRESETS:
+            raise ValueError(f"unknown model size {name!r}; presets are {list(PRESETS)}")
+        return cls(**PRESETS[key])
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
+        """Read a transformers GPT2Config dict; refuse what this model does not implement."""
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{source}: model_type={hf.get('model_type')!r}, expected 'gpt2'")
+        if hf.get("add_cross_attention", False):
+            raise ValueError(f"{source}: add_cross_attention=true is not supported (decoder-only GPT-2 only)")
+        if not hf.get("tie_word_embeddings", True):
+            raise ValueError(f"{source}: tie_word_embeddings=false is not supported; GPT-2 ties lm_head to wte")
+        known = {f.name for f in fields(cls)}
+        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in hf]
+        if missing:
+            raise ValueError(f"{source}: missing keys {missing}; is this a GPT-2 config.json?")
+        return cls(**{k: v for k, v in hf.items() if k in known})
+
+    def to_hf_dict(self) -> dict:
+        """The config.json transformers writes for GPT2LMHeadModel, with our shape."""
+        return {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **asdict(self),
+            "n_ctx": self.n_positions,
+            "bos_token_id": EOT_ID if EOT_ID < self.vocab_size else None,
+            "eos_token_id": EOT_ID if EOT_ID < self.vocab_size else None,
+            "tie_word_embeddings": True, "reorder_and_upcast_attn": False, "initializer_range": 0.02,
+            # GPT-2's published dropout; this implementation runs without dropout (see GPT below).
+            "attn_pdrop": 0.1, "embd_pdrop": 0.1, "resid_pdrop": 0.1, "use_cache": True,
+        }
+
+
+PRESETS = {
+    "gpt2":        dict(n_layer=12, n_head=12, n_embd=768),    # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),   # 350M
+    "gpt2-large":  dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl":     dict(n_layer=48, n_head=25, n_embd=1600),   # 1558M
+}
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+# ----------------------------------------------------------------------------- model
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, preallocated to max_len."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype, device):
+        head_dim = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled so far; advanced by GPT.forward after all layers ran
+
+    def update(self, layer_idx: int, k, v):
+        end = self.length + k.size(2)
+        if end > self.keys[layer_idx].size(2):
+            raise ValueError(f"KV cache holds {self.keys[layer_idx].size(2)} positions, asked for {end}")
+        self.keys[layer_idx][:, :, self.length:end] = k
+        self.values[layer_idx][:, :, self.length:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.layer_idx = layer_idx
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        head_dim = config.n_embd // config.n_head
+        self.scale = head_dim ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D), S = cached + T
+        # No mask means plain causal attention, which lets SDPA pick its flash kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        n_inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, n_inner)
+        self.c_proj = nn.Linear(n_inner, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 with a tied LM head and no dropout.
+
+    No dropout: DPO compares log-probs of the policy and the reference on the same tokens, and
+    the DPO authors train with dropout off; with it on, the ratio would be noise at step 0.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, two names
+
+    def init_weights(self, seed: int | None = None):
+        """GPT-2's initialisation (normal 0.02; residual projections scaled by 1/sqrt(2 * n_layer))."""
+        generator = torch.Generator(device=self.transformer.wte.weight.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith(".bias") or ".ln_" in name or name.startswith("transformer.ln_f"):
+                nn.init.ones_(p) if name.endswith(".weight") else nn.init.zeros_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+        return self
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
+                logits_mask=None, return_hidden=False):
+        """Logits for a batch of token ids.
+
+        input_ids: (B, T) long.
+        attention_mask: None for unpadded or right-padded batches (causal attention; positions
+            after a sequence's end are garbage but never read back by causal rows before them).
+            (B, S) with 1/True on real tokens for left-padded batches, S = cached + T; or a full
+            bool mask (B, T, S) / (B, 1, T, S), True where a query may attend to a key.
+        position_ids: (B, T); by default counted from each row's first real token when a (B, S)
+            attention_mask is given (as transformers' generate does), else 0..T-1 (+ cached).
+        logits_mask: optional bool (B, T). The LM head (n_embd x 50257) is the largest matmul at
+            DPO's lengths, and most positions are prompt tokens whose logits are never used: with
+            this, logits are computed only where the mask is True and returned packed, (N, vocab),
+            in row-major order.
+        return_hidden: return the final hidden states (B, T, n_embd) after ln_f instead of logits.
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        attn_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask.bool()  # (B, S)
+            if position_ids is None:
+                position_ids = (token_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            attn_mask = padding_attention_mask(token_mask, T)
+        elif attention_mask is not None:
+            attn_mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None]
+        elif kv_cache is not None and past > 0:
+            attn_mask = padding_attention_mask(torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device), T)
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+
+        x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, attn_mask, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.length += T
+        if return_hidden:
+            return x
+        if logits_mask is not None:
+            x = x[logits_mask]  # (N, C)
+        return self.lm_head(x)  # (B, T, V) or (N, V)
+
+    # ------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=24, temperature=1.0, top_k=None,
+                 top_p=None, eos_id=EOT_ID, use_cache=True, generator=None):
+        """Continue a batch of prompts; returns (B, T + n) ids, n <= max_new_tokens.
+
+        Prompts of different lengths are left-padded, with attention_mask (B, T) marking real tokens.
+        temperature=0 is greedy decoding; otherwise sample from softmax(logits / temperature),
+        restricted to the top_k tokens and/or the smallest set whose probability reaches top_p.
+        A row that emits eos_id is finished and padded with eos_id; decoding stops when all are
+        (eos_id=None: never). use_cache=False recomputes the whole prefix every step (for tests).
+        """
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.n_positions:
+            raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the model's "
+                             f"{self.config.n_positions} positions")
+        device = input_ids.device
+        token_mask = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+                      else attention_mask.bool())
+        kv_cache = None
+        if use_cache:
+            dtype = self.transformer.wte.weight.dtype
+            kv_cache = KVCache(self.config, B, T + max_new_tokens, dtype, device)
+        tokens, step_input = input_ids, input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(step_input, attention_mask=token_mask, kv_cache=kv_cache)
+            else:
+                logits = self(tokens, attention_mask=token_mask)
+            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+                finished |= next_token == eos_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            token_mask = torch.cat([token_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            step_input = next_token[:, None]
+            if eos_id is not None and bool(finished.all()):
+                break
+        return tokens
+
+    # ------------------------------------------------------------------------- weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, dtype=torch.float32, device="cpu", revision=None,
+                        cache_dir=None) -> "GPT":
+        """GPT-2 weights from a local directory or a Hugging Face hub id.
+
+        A directory must hold config.json and model.safetensors (or sharded model-0000N-of-0000M
+        files with model.safetensors.index.json). Anything else is taken as a hub repo id
+        ("gpt2", "openai-community/gpt2-xl", "user/my-gpt2") and fetched with huggingface_hub,
+        which honours its cache, HF_HUB_OFFLINE and `revision`. Only safetensors are read:
+        pytorch_model.bin is never unpickled.
+        """
+        path = resolve_checkpoint_dir(name_or_dir, revision=revision, cache_dir=cache_dir)
+        config = read_hf_config(path)
+        with torch.device("meta"):  # no memory for weights until they are read
+            model = cls(config)
+        state_dict = read_hf_state_dict(path, config, dtype=dtype, device=device)
+        model.load_state_dict(state_dict, strict=False, assign=True)  # lm_head is tied, not in the dict
+        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte: tie again
+        return model.eval()
+
+    def save_pretrained(self, out_dir: str):
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+        write_hf_checkpoint(self.config, self.state_dict(), out_dir)
+
+
+def padding_attention_mask(token_mask, T):
+    """(B, S) real-token mask -> (B, 1, T, S) bool mask: causal, and no attending to pads.
+
+    The T queries are the last T of the S positions. A pad query (left padding) would have no key
+    to attend to and SDPA would return NaN for it; letting it see itself keeps the numbers finite,
+    and its output is never used.
+    """
+    B, S = token_mask.shape
+    query_pos = torch.arange(S - T, S, device=token_mask.device)[:, None]   # (T, 1)
+    key_pos = torch.arange(S, device=token_mask.device)[None, :]            # (1, S)
+    allowed = (key_pos <= query_pos) & (token_mask[:, None, :] | (key_pos == query_pos))  # (B, T, S)
+    return allowed[:, None]
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) fp32 logits -> (B,) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- HF checkpoints
+
+# HF's GPT-2 uses Conv1D, whose weight is (in, out): the transpose of nn.Linear's (out, in).
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
+
+
+def resolve_checkpoint_dir(name_or_dir: str, revision=None, cache_dir=None) -> str:
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir.startswith(("/", ".", "~")) or name_or_dir.count("/") > 1:  # a path, not "org/name"
+        raise FileNotFoundError(f"{name_or_dir}: no such directory (and not a hub id like 'gpt2' or 'org/name')")
+    from huggingface_hub import snapshot_download  # imported here: local loading needs no hub client
+    repo_id = name_or_dir if "/" in name_or_dir else f"openai-community/{name_or_dir}"
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=WEIGHT_PATTERNS)
+    except Exception as err:  # offline, unknown repo, gated repo...: say which and how to fix it
+        raise RuntimeError(
+            f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
+            f"{type(err).__name__}: {err}\nOffline? Download it once on a connected machine "
+            f"(hf download {repo_id}) and set HF_HUB_OFFLINE=1, or pass a local directory "
+            "holding config.json and model.safetensors."
+        ) from err
+
+
+def read_hf_config(path: str) -> GPTConfig:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path}: missing; a GPT-2 checkpoint directory needs config.json "
+                                "next to model.safetensors")
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    return GPTConfig.from_hf_dict(hf, source=config_path)
+
+
+def weight_files(path: str) -> list[str]:
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shard_names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, name) for name in shard_names]
+    found = sorted(os.listdir(path))
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
+                            "only safetensors weights are loaded (pytorch_model.bin would need unpickling)")
+
+
+def hf_key_to_ours(key: str) -> str | None:
+    """Map a checkpoint key to our parameter name; None for keys to skip (buffers, tied head)."""
+    if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+        return None  # causal-mask buffers of old files, and the head that is tied to wte
+    return key if key.startswith("transformer.") else "transformer." + key  # hub's original files: no prefix
+
+
+def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device="cpu") -> dict:
+    """Read a checkpoint's tensors into our layout, one tensor at a time, cast to dtype on device.
+
+    Peak memory is one copy of the model in `dtype` plus one tensor: safetensors maps the file and
+    each tensor is converted as it is read. Missing, unexpected and mis-shaped keys are reported
+    together in one error.
+    """
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+    state_dict, unexpected, wrong_shape, files = {}, [], [], weight_files(path)
+    for file in files:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as err:  # safetensors raises its own error type for truncated/corrupt files
+            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}); "
+                             "it may be truncated or corrupt: download it again") from err
+        with handle:
+            for key in handle.keys():
+                name = hf_key_to_ours(key)
+                if name is None:
+                    continue
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                tensor = handle.get_tensor(key)
+                if name.endswith(CONV1D_SUFFIXES):
+                    tensor = tensor.t()
+                if tensor.shape != expected[name]:
+                    wrong_shape.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name])}")
+                    continue
+                state_dict[name] = tensor.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(expected) - set(state_dict) - {w.split(":")[0] for w in wrong_shape})
+    if missing or unexpected or wrong_shape:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                problems.append(f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise ValueError(f"{path}: weights do not match config.json (n_layer={config.n_layer}, "
+                         f"n_embd={config.n_embd}, vocab_size={config.vocab_size}): " + "; ".join(problems))
+    return state_dict
+
+
+def write_hf_checkpoint(config: GPTConfig, state_dict: dict, out_dir: str):
+    """config.json + model.safetensors in transformers' layout ("transformer." prefix, Conv1D
+    weights, no buffers, tied head omitted). Written to temporary names and renamed, so a crash
+    leaves the old files or the new ones, never half of one."""
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight":
+            continue
+        tensor = tensor.detach().cpu()
+        tensors[name] = (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).contiguous()
+    def write_config(tmp_path):
+        with open(tmp_path, "w") as f:
+            json.dump(config.to_hf_dict(), f, indent=2)
+
+    for filename, write in (
+        ("model.safetensors", lambda tmp_path: save_file(tensors, tmp_path, metadata={"format": "pt"})),
+        ("config.json", write_config),
+    ):
+        fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=f".{filename}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp_path)
+            os.replace(tmp_path, os.path.join(out_dir, filename))
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)

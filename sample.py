@@ -1,0 +1,52 @@
+"""Sample continuations from a GPT-2 checkpoint (hub id or local directory).
+
+    python sample.py --model gpt2 --prompt "The movie was" --num_samples 3
+"""
+import argparse
+import sys
+
+import torch
+
+from data.tokenizer import decode, encode, EOT_ID
+from gpt2 import GPT
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="gpt2",
+                        help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, org/name) or a local directory "
+                             "holding config.json + model.safetensors (default: gpt2)")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit); default main")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text; repeat for a batch (default: three fixed prompts)")
+    parser.add_argument("--num_samples", type=int, default=1, help="continuations per prompt (default 1)")
+    parser.add_argument("--max_new_tokens", type=int, default=40, help="tokens to generate (default 40)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 means greedy (default 0.7)")
+    parser.add_argument("--top_k", type=int, default=None, help="sample only among the k likeliest tokens")
+    parser.add_argument("--top_p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        model = GPT.from_pretrained(args.model, dtype=dtype, device=device, revision=args.revision)
+    except (RuntimeError, FileNotFoundError, ValueError) as err:
+        sys.exit(f"error: {err}")
+    prompts = args.prompt or ["The movie was", "My favourite thing about the city is", "Once upon a time"]
+    prompts = [p for p in prompts for _ in range(args.num_samples)]
+    encoded = [encode(p) for p in prompts]
+    T = max(len(ids) for ids in encoded)
+    # left-pad so every prompt ends at the same column, where generation starts
+    input_ids = torch.tensor([[EOT_ID] * (T - len(ids)) + ids for ids in encoded], device=device)
+    mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    for prompt, row in zip(prompts, out[:, T:].tolist()):
+        print(f"--- {prompt!r}\n{prompt}{decode(t for t in row if t != EOT_ID)}\n")
+
+
+if __name__ == "__main__":
+    main()

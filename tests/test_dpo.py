@@ -1,0 +1,232 @@
+"""dpo.py against the paper formulas, written out by hand with `math` (never by calling dpo.py)."""
+import math
+
+import pytest
+import torch
+
+from dpo import preference_loss, preference_metrics
+
+
+def log_sigmoid(x):
+    # stable scalar log sigmoid(x) = -log(1 + exp(-x)), for hand-computed expectations
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return math.exp(log_sigmoid(x))
+
+
+def logps(*values, dtype=torch.float32, requires_grad=False):
+    return torch.tensor(values, dtype=dtype, requires_grad=requires_grad)
+
+
+# --- losses
+
+# Three pairs, as (policy_chosen, policy_rejected, reference_chosen, reference_rejected).
+# h = (pc - rc) - (pr - rr): 1.5, -2.75, 0.0
+PAIRS = [(-10.0, -12.0, -11.0, -11.5), (-20.0, -18.0, -19.5, -20.25), (-5.0, -5.0, -5.0, -5.0)]
+HS = [1.5, -2.75, 0.0]
+
+
+def pair_tensors(pairs=PAIRS, **kw):
+    return [logps(*column, **kw) for column in zip(*pairs)]
+
+
+def test_margins_are_what_the_formulas_use():
+    # guards the hand arithmetic in HS, which every test below relies on
+    assert [(pc - rc) - (pr - rr) for pc, pr, rc, rr in PAIRS] == HS
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_sigmoid_is_dpo_eq7(beta):
+    losses, _, _ = preference_loss(*pair_tensors(), beta=beta)
+    expected = [-math.log(1 / (1 + math.exp(-beta * h))) for h in HS]
+    assert losses.dtype == torch.float32 and losses.shape == (3,)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    assert losses[2].item() == pytest.approx(math.log(2))  # h = 0: the model is indifferent
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_sigmoid_with_label_smoothing_is_cdpo(eps):
+    beta = 0.5
+    losses, _, _ = preference_loss(*pair_tensors(), beta=beta, label_smoothing=eps)
+    expected = [-(1 - eps) * log_sigmoid(beta * h) - eps * log_sigmoid(-beta * h) for h in HS]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_robust_is_chowdhury_unbiased_loss(eps):
+    beta = 0.5
+    losses, _, _ = preference_loss(*pair_tensors(), beta=beta, loss_type="robust", label_smoothing=eps)
+    expected = [((1 - eps) * -log_sigmoid(beta * h) - eps * -log_sigmoid(-beta * h)) / (1 - 2 * eps) for h in HS]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_robust_with_no_noise_is_dpo():
+    sigmoid_losses, _, _ = preference_loss(*pair_tensors(), beta=0.3)
+    robust_losses, _, _ = preference_loss(*pair_tensors(), beta=0.3, loss_type="robust")
+    torch.testing.assert_close(robust_losses, sigmoid_losses, rtol=0, atol=0)
+    assert robust_losses.tolist() == pytest.approx([-log_sigmoid(0.3 * h) for h in HS], rel=1e-6)
+
+
+def test_robust_is_unbiased_under_label_flips():
+    # Chowdhury et al.'s point: if each label is flipped with probability eps, the expected robust
+    # loss equals the clean DPO loss. Flipping a label swaps chosen and rejected.
+    beta, eps = 0.5, 0.2
+    pc, pr, rc, rr = pair_tensors()
+    robust, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="robust", label_smoothing=eps)
+    robust_flipped, _, _ = preference_loss(pr, pc, rr, rc, beta=beta, loss_type="robust", label_smoothing=eps)
+    expected_loss = (1 - eps) * robust + eps * robust_flipped
+    assert expected_loss.tolist() == pytest.approx([-log_sigmoid(beta * h) for h in HS], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_ipo_is_azar_eq17(beta):
+    losses, _, _ = preference_loss(*pair_tensors(), beta=beta, loss_type="ipo")
+    expected = [(h - 1 / (2 * beta)) ** 2 for h in HS]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_hinge_is_slic(beta):
+    losses, _, _ = preference_loss(*pair_tensors(), beta=beta, loss_type="hinge")
+    expected = [max(0.0, 1 - beta * h) for h in HS]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    if beta == 2.0:
+        assert losses[0].item() == 0.0  # beta * h = 3 > 1: past the margin, no loss
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_reference_free_takes_reference_logps_as_zero(loss_type):
+    beta = 0.5
+    pc, pr, rc, rr = pair_tensors()
+    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                                                               reference_free=True)
+    hs = [c - r for c, r in zip(pc.tolist(), pr.tolist())]  # 2.0, -2.0, 0.0
+    expected = {"sigmoid": [-log_sigmoid(beta * h) for h in hs],
+                "ipo": [(h - 1 / (2 * beta)) ** 2 for h in hs],
+                "hinge": [max(0.0, 1 - beta * h) for h in hs]}[loss_type]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-6)
+    assert chosen_rewards.tolist() == pytest.approx([beta * c for c in pc.tolist()])
+    assert rejected_rewards.tolist() == pytest.approx([beta * r for r in pr.tolist()])
+    # the reference tensors are not needed at all
+    losses_no_ref, _, _ = preference_loss(pc, pr, None, None, beta=beta, loss_type=loss_type, reference_free=True)
+    torch.testing.assert_close(losses_no_ref, losses)
+
+
+def test_rewards_are_beta_times_logratio_and_detached():
+    beta = 0.25
+    pc, pr, rc, rr = pair_tensors(requires_grad=True)
+    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, rc, rr, beta=beta)
+    assert chosen_rewards.tolist() == pytest.approx([beta * (p - r) for p, _, r, _ in PAIRS])
+    assert rejected_rewards.tolist() == pytest.approx([beta * (p - r) for _, p, _, r in PAIRS])
+    assert chosen_rewards.dtype == rejected_rewards.dtype == torch.float32
+    assert losses.requires_grad
+    assert not chosen_rewards.requires_grad and chosen_rewards.grad_fn is None
+    assert not rejected_rewards.requires_grad and rejected_rewards.grad_fn is None
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_dpo_gradient_identity(beta):
+    # d/d pc [-log sigmoid(beta h)] = -beta sigmoid(-beta h); d/d pr = +beta sigmoid(-beta h)
+    pc, pr, rc, rr = pair_tensors(requires_grad=True)
+    losses, _, _ = preference_loss(pc, pr, rc, rr, beta=beta)
+    losses.sum().backward()
+    weights = [beta * sigmoid(-beta * h) for h in HS]
+    assert pc.grad.tolist() == pytest.approx([-w for w in weights], rel=1e-5)
+    assert pr.grad.tolist() == pytest.approx(weights, rel=1e-5)
+    assert rc.grad.tolist() == pytest.approx(weights, rel=1e-5)  # the reference enters with the opposite sign
+    assert rr.grad.tolist() == pytest.approx([-w for w in weights], rel=1e-5)
+
+
+# beta * h = +-1e4 (fp32), and +-8192 from bf16 inputs (exactly representable in bf16).
+LIMITS = [(torch.float32, 0.5, 2e4), (torch.float32, 0.5, -2e4), (torch.bfloat16, 1.0, 8192.0),
+          (torch.bfloat16, 1.0, -8192.0)]
+
+
+@pytest.mark.parametrize("dtype,beta,h", LIMITS)
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("ipo", 0.0),
+                                           ("hinge", 0.0)])
+def test_extreme_margins_give_finite_losses_and_gradients(dtype, beta, h, loss_type, eps):
+    pc, pr = logps(0.0, dtype=dtype, requires_grad=True), logps(-h, dtype=dtype, requires_grad=True)
+    rc, rr = logps(0.0, dtype=dtype), logps(0.0, dtype=dtype)
+    losses, _, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    losses.sum().backward()
+    assert losses.dtype == torch.float32
+    assert torch.isfinite(losses).all() and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    z = beta * h  # |z| is 1e4 or 8192: sigmoid(-|z|) underflows to 0, so -log sigmoid(z) = max(0, -z)
+    expected = {
+        "sigmoid": (1 - eps) * max(0.0, -z) + eps * max(0.0, z),
+        "robust": ((1 - eps) * max(0.0, -z) - eps * max(0.0, z)) / (1 - 2 * eps),
+        "ipo": (h - 1 / (2 * beta)) ** 2,
+        "hinge": max(0.0, 1 - z),
+    }[loss_type]
+    assert losses.item() == pytest.approx(expected, rel=1e-6)
+    if loss_type == "sigmoid" and eps == 0.0:
+        # right side: no gradient left; wrong side: the full -beta pull on the chosen log-prob
+        assert pc.grad.item() == pytest.approx(0.0 if z > 0 else -beta, abs=1e-6)
+
+
+def test_bf16_inputs_are_upcast_before_subtracting():
+    # In bf16, -256 - (-1.0078125) rounds to -255; in fp32 it is exactly -254.9921875.
+    beta = 0.5
+    pc, pr, rc, rr = (logps(v, dtype=torch.bfloat16) for v in (-256.0, 0.0, -1.0078125, 0.0))
+    losses, chosen_rewards, _ = preference_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo")
+    h = -256.0 + 1.0078125
+    assert losses.dtype == chosen_rewards.dtype == torch.float32
+    assert losses.item() == pytest.approx((h - 1 / (2 * beta)) ** 2, rel=1e-6)  # 65532.00006; bf16 math gives 65536
+    assert chosen_rewards.item() == beta * h
+
+
+INVALID = [
+    (dict(loss_type="kto"), r"unknown loss_type 'kto'.*sigmoid, robust, ipo, hinge"),
+    (dict(beta=0.0), r"beta .* got 0\.0"),
+    (dict(beta=-0.1), r"beta .* got -0\.1"),
+    (dict(beta=float("nan")), r"beta .* got nan"),
+    (dict(beta=float("inf")), r"beta .* got inf"),
+    (dict(label_smoothing=0.5), r"label_smoothing .* got 0\.5"),
+    (dict(label_smoothing=-0.1), r"label_smoothing .* got -0\.1"),
+    (dict(label_smoothing=float("nan")), r"label_smoothing .* got nan"),
+    (dict(loss_type="ipo", label_smoothing=0.1), r"label_smoothing=0\.1 is not defined for loss_type 'ipo'"),
+    (dict(loss_type="hinge", label_smoothing=0.1), r"label_smoothing=0\.1 is not defined for loss_type 'hinge'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", INVALID)
+def test_invalid_arguments_raise_with_the_bad_value(kwargs, message):
+    kwargs = {"beta": 0.1} | kwargs
+    with pytest.raises(ValueError, match=message):
+        preference_loss(*pair_tensors(), **kwargs)
+
+
+def test_shape_mismatch_raises_with_the_shapes():
+    pc, pr, rc, rr = pair_tensors()
+    with pytest.raises(ValueError, match=r"'reference_rejected_logps': \(2,\)"):
+        preference_loss(pc, pr, rc, rr[:2], beta=0.1)
+    with pytest.raises(ValueError, match=r"same shape \(B,\).*\(3, 1\)"):
+        preference_loss(pc[:, None], pr[:, None], rc[:, None], rr[:, None], beta=0.1)
+
+
+def test_missing_reference_raises_and_points_at_reference_free():
+    pc, pr, _, rr = pair_tensors()
+    with pytest.raises(ValueError, match=r"reference_chosen_logps .* got NoneType.*reference_free=True"):
+        preference_loss(pc, pr, None, rr, beta=0.1)
+
+
+# --- metrics
+
+def test_metrics_names_and_values_on_a_hand_made_batch():
+    losses = logps(0.5, 1.5, 1.0, 3.0, requires_grad=True)
+    chosen_rewards = logps(0.25, -0.5, 1.5, 0.0)
+    rejected_rewards = logps(-0.25, 0.5, 0.5, 0.0)  # chosen wins on pairs 0 and 2; pair 3 is a tie, not a win
+    policy_chosen_logps = logps(-10.0, -20.0, -30.0, -40.0, dtype=torch.bfloat16, requires_grad=True)
+    policy_rejected_logps = logps(-12.0, -22.0, -32.0, -42.0, requires_grad=True)
+    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    assert list(metrics) == ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                             "logps/chosen", "logps/rejected"]
+    for name, value in metrics.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0, name
+        assert value.dtype == torch.float32 and not value.requires_grad, name
+    expected = {"loss": 1.5, "rewards/chosen": 0.3125, "rewards/rejected": 0.1875, "rewards/accuracies": 0.5,
+                "rewards/margins": 0.125, "logps/chosen": -25.0, "logps/rejected": -27.0}
+    assert {name: value.item() for name, value in metrics.items()} == pytest.approx(expected)

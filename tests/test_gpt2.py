@@ -1,0 +1,272 @@
+"""gpt2.py against transformers' GPT2LMHeadModel: logits, padding, loading, export, generation."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from conftest import ROOT
+from gpt2 import GPT, GPTConfig, PRESETS, sample_next_token
+
+TOL = 1e-5  # max |ours - transformers| / max |transformers|, fp32
+
+
+def make_hf_model(seed=0, **shape):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**shape)).eval()
+
+
+def saved_hf_dir(tmp_path, hf_model, name="hf"):
+    path = tmp_path / name
+    hf_model.save_pretrained(path)
+    return path
+
+
+def rewrite_in_hub_original_layout(path, n_layer, n_positions):
+    """The hub's original gpt2 files: keys without "transformer.", plus the attn.bias/masked_bias buffers."""
+    with safe_open(path / "model.safetensors", "pt") as f:
+        tensors = {k.removeprefix("transformer."): f.get_tensor(k) for k in f.keys()}
+    for i in range(n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_positions, n_positions)).view(1, 1, n_positions, n_positions)
+        tensors[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def relative_error(ours, ref, mask=None):
+    diff = (ours - ref).abs()
+    if mask is not None:
+        diff = diff * mask[..., None]
+    return (diff.max() / ref.abs().max()).item()
+
+
+SHAPES = {f"{name}-2layers": dict(v, n_layer=2, vocab_size=1000, n_positions=128) for name, v in PRESETS.items()}
+SHAPES["odd"] = dict(n_layer=3, n_head=5, n_embd=40, vocab_size=333, n_positions=50, n_inner=72,
+                     layer_norm_epsilon=1e-3, scale_attn_by_inverse_layer_idx=True)
+SHAPES["exact-gelu"] = dict(n_layer=1, n_head=1, n_embd=16, vocab_size=77, n_positions=20, activation_function="gelu")
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "hub_original"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_logits_match_transformers(tmp_path, shape, layout):
+    spec = SHAPES[shape]
+    hf = make_hf_model(**spec)
+    path = saved_hf_dir(tmp_path, hf)
+    if layout == "hub_original":
+        rewrite_in_hub_original_layout(path, spec["n_layer"], spec["n_positions"])
+    ours = GPT.from_pretrained(str(path))
+    input_ids = torch.randint(0, spec["vocab_size"], (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert relative_error(ours(input_ids), hf(input_ids).logits) <= TOL
+
+
+def test_full_size_gpt2_124m_matches_transformers(tmp_path):
+    hf = make_hf_model()  # GPT2Config() defaults are gpt2 (124M)
+    ours = GPT.from_pretrained(str(saved_hf_dir(tmp_path, hf)))
+    assert ours.config == GPTConfig.from_name("gpt2")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+    input_ids = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert relative_error(ours(input_ids), hf(input_ids).logits) <= TOL
+
+
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    hf = make_hf_model(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=64)
+    path = tmp_path_factory.mktemp("small") / "hf"
+    hf.save_pretrained(path)
+    return hf, GPT.from_pretrained(str(path)), path
+
+
+def padded_batch(side):
+    lengths = [9, 5, 12, 1]
+    T = max(lengths)
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 50257, (len(lengths), T), generator=gen)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, T - n:] = 1
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_match_transformers_on_real_tokens(small_pair, side):
+    hf, ours, _ = small_pair
+    input_ids, mask = padded_batch(side)
+    # transformers' forward counts positions 0..T-1 whatever the mask; its generate() derives them
+    # from the mask, as ours does by default. Give both the same positions.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids, attention_mask=mask, position_ids=position_ids).logits
+        assert relative_error(ours(input_ids, attention_mask=mask), ref, mask) <= TOL
+        if side == "right":  # right padding needs no mask at all: causal rows never see later pads
+            assert relative_error(ours(input_ids), ref, mask) <= TOL
+        assert torch.isfinite(ours(input_ids, attention_mask=mask)).all()
+
+
+def test_logits_mask_gives_packed_logits_at_chosen_positions(small_pair):
+    hf, ours, _ = small_pair
+    input_ids, mask = padded_batch("right")
+    chosen = mask.bool() & (torch.arange(input_ids.size(1)) % 3 == 0)
+    with torch.no_grad():
+        packed = ours(input_ids, logits_mask=chosen)
+        ref = hf(input_ids).logits[chosen]
+        hidden = ours(input_ids, return_hidden=True)
+    assert packed.shape == (int(chosen.sum()), 50257)
+    assert relative_error(packed, ref) <= TOL
+    assert hidden.shape == (*input_ids.shape, 64)
+
+
+def test_round_trip_ours_to_transformers(tmp_path, small_pair):
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "export")
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
+    reloaded, info = GPT2LMHeadModel.from_pretrained(tmp_path / "export", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    input_ids = torch.randint(0, 50257, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert relative_error(ours(input_ids), reloaded.eval()(input_ids).logits) <= TOL
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    hf = make_hf_model(n_layer=2, n_head=4, n_embd=64, vocab_size=50257, n_positions=64)
+    path = tmp_path / "sharded"
+    hf.save_pretrained(path, max_shard_size="2MB")
+    assert (path / "model.safetensors.index.json").exists() and not (path / "model.safetensors").exists()
+    ours = GPT.from_pretrained(str(path))
+    input_ids = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        assert relative_error(ours(input_ids), hf(input_ids).logits) <= TOL
+
+
+def test_loads_in_requested_dtype_without_meta_leftovers(small_pair):
+    _, _, path = small_pair
+    ours = GPT.from_pretrained(str(path), dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in ours.parameters())
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+
+
+def test_hub_id_goes_through_huggingface_hub_cache_offline(tmp_path):
+    """A hub id resolves through huggingface_hub's cache (HF_HUB_OFFLINE=1), as after a real download."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-gpt2"
+    make_hf_model(n_layer=1, n_head=2, n_embd=32, vocab_size=50257, n_positions=32).save_pretrained(
+        repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    code = ("from gpt2 import GPT\n"
+            "print(GPT.from_pretrained('someone/tiny-gpt2').config.n_embd)\n"
+            "GPT.from_pretrained('someone/not-cached')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.stdout.strip() == "32"
+    assert "could not fetch 'someone/not-cached'" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+# ----------------------------------------------------------------------------- bad files
+
+def test_truncated_safetensors_is_a_clear_error(tmp_path, small_pair):
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file.*truncated"):
+        GPT.from_pretrained(str(tmp_path / "m"))
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, small_pair):
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    tensors["transformer.h.0.ln_1.weight"] = torch.ones(3)
+    tensors["transformer.h.7.extra.weight"] = torch.ones(1)
+    save_file(tensors, weights)
+    with pytest.raises(ValueError) as err:
+        GPT.from_pretrained(str(tmp_path / "m"))
+    message = str(err.value)
+    assert "1 missing: transformer.h.1.mlp.c_fc.bias" in message
+    assert "1 unexpected: transformer.h.7.extra.weight" in message
+    assert "transformer.h.0.ln_1.weight: file (3,) vs model (64,)" in message
+
+
+def test_missing_config_json_is_a_clear_error(tmp_path, small_pair):
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "m")
+    os.remove(tmp_path / "m" / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"config\.json: missing"):
+        GPT.from_pretrained(str(tmp_path / "m"))
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, small_pair):
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "m")
+    os.rename(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        GPT.from_pretrained(str(tmp_path / "m"))
+
+
+def test_unsupported_config_is_refused(tmp_path, small_pair):
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=False)))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        GPT.from_pretrained(str(tmp_path / "m"))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_greedy_with_cache_equals_without_and_equals_transformers(small_pair):
+    hf, ours, _ = small_pair
+    input_ids, mask = padded_batch("left")
+    ours_cached = ours.generate(input_ids, attention_mask=mask, max_new_tokens=12, temperature=0, eos_id=None)
+    ours_uncached = ours.generate(input_ids, attention_mask=mask, max_new_tokens=12, temperature=0, eos_id=None,
+                                  use_cache=False)
+    ref = hf.generate(input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=50256,
+                      eos_token_id=None)
+    assert torch.equal(ours_cached, ours_uncached)
+    assert torch.equal(ours_cached, ref)
+    assert len(set(ours_cached[:, -12:].flatten().tolist())) > 4  # not a degenerate constant output
+
+
+def test_generation_stops_rows_at_end_of_text(small_pair):
+    _, ours, _ = small_pair
+    input_ids, mask = padded_batch("left")
+    free = ours.generate(input_ids, attention_mask=mask, max_new_tokens=6, temperature=0, eos_id=None)
+    first_token = free[:, input_ids.size(1)]
+    eos = int(first_token[0])  # treat row 0's first greedy token as "end of text"
+    stopped = ours.generate(input_ids, attention_mask=mask, max_new_tokens=6, temperature=0, eos_id=eos)
+    new = stopped[:, input_ids.size(1):]
+    assert (new[0] == eos).all()  # row 0 finished at once and is padded with eos
+    for row in range(1, len(new)):  # other rows continue as without the stop, until they emit eos
+        free_row = free[row, input_ids.size(1):].tolist()
+        n = free_row.index(eos) + 1 if eos in free_row else len(free_row)
+        assert new[row, :n].tolist() == free_row[:n]
+
+
+def test_top_k_and_top_p_restrict_the_sampled_set():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next_token(logits, temperature=0), torch.zeros(4000, dtype=torch.long))
+    assert set(sample_next_token(logits, top_k=1, generator=gen).tolist()) == {0}
+    top_p = sample_next_token(logits, top_p=0.7, generator=gen)  # 0.5 < 0.7 <= 0.8: tokens 0 and 1
+    assert set(top_p.tolist()) == {0, 1}
+    assert abs((top_p == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+    top_k = sample_next_token(logits, top_k=3, generator=gen)
+    assert set(top_k.tolist()) == {0, 1, 2}
+    assert abs((top_k == 2).float().mean().item() - 0.15 / 0.95) < 0.03
+    cold = sample_next_token(logits, temperature=0.5, generator=gen)  # p^2 renormalised
+    assert abs((cold == 0).float().mean().item() - 0.25 / (0.25 + 0.09 + 0.0225 + 0.0025)) < 0.03
