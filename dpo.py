@@ -13,7 +13,75 @@ import torch
 import torch.nn.functional as F
 
 # --- log-probs
-# (sequence log-prob functions go here: logits + labels + response_mask -> (B,) log-probs)
+
+LOGSUMEXP_CHUNK = 1024  # rows of (rows, vocab) logits upcast to fp32 at a time
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[target] for packed (N, V) logits, without an fp32 (N, V) tensor.
+
+    The naive `logits.float().log_softmax(-1).gather(...)` keeps an fp32 (N, V) copy alive for
+    backward. Here forward keeps only the logits (which exist anyway) and one logsumexp per row;
+    backward rebuilds softmax chunk by chunk: d/dlogits = grad * (onehot(target) - softmax).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lse = torch.cat([chunk.float().logsumexp(-1) for chunk in logits.split(LOGSUMEXP_CHUNK)])  # (N,)
+        target_logits = logits.gather(-1, targets[:, None]).squeeze(-1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        return target_logits - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for start in range(0, logits.size(0), LOGSUMEXP_CHUNK):
+            rows = slice(start, start + LOGSUMEXP_CHUNK)
+            probs = (logits[rows].float() - lse[rows, None]).exp_()  # softmax, (chunk, V) fp32
+            grad = probs.mul_(-grad_out[rows, None])
+            grad.scatter_add_(-1, targets[rows, None], grad_out[rows, None].float())
+            grad_logits[rows] = grad
+        return grad_logits, None
+
+
+def token_logps(logits, targets):
+    """(N, V) logits of any float dtype, (N,) target ids -> (N,) fp32 log-probs of the targets."""
+    return _TokenLogps.apply(logits, targets)
+
+
+def response_logps(model, input_ids, response_mask, attention_mask=None, average=False):
+    """Sum over response tokens of log p(token | everything before it): (B,) fp32.
+
+    input_ids: (B, T) prompt + response (+ right padding); response_mask: (B, T) bool, True at the
+    response tokens being scored. The token at t is predicted by the logits at t - 1, so the LM head
+    runs only at positions t - 1 for response tokens t (the model's logits_mask): at 64 + 24 tokens
+    that is 24 of 88 rows of the largest matmul, and the (rows, 50257) logits are all that is kept.
+    average=True divides by the number of response tokens (IPO's length-normalised log-probs).
+    attention_mask: None for right-padded batches (plain causal attention is exact there).
+    """
+    if response_mask[:, 0].any():
+        raise ValueError("a response token at position 0 has no prefix to be predicted from; "
+                         "every sequence needs at least one prompt token")
+    head_mask = torch.zeros_like(response_mask)
+    head_mask[:, :-1] = response_mask[:, 1:]  # (B, T): positions whose logits predict a response token
+    logits = model(input_ids, attention_mask=attention_mask, logits_mask=head_mask)  # (N, V)
+    targets = input_ids[:, 1:][response_mask[:, 1:]]  # (N,), same row-major order as the packed logits
+    per_token = token_logps(logits, targets)  # (N,)
+    row_of_token = torch.arange(input_ids.size(0), device=input_ids.device)[:, None].expand_as(head_mask)[head_mask]
+    logps = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device)
+    logps = logps.index_add(0, row_of_token, per_token)  # (B,)
+    if average:
+        logps = logps / response_mask.sum(-1).clamp(min=1)
+    return logps
+
+
+def concatenated_logps(model, batch, average=False):
+    """Chosen and rejected log-probs from ONE forward pass over the 2B rows of a collated batch
+    (rows 0..B-1 chosen, B..2B-1 rejected): one all-gather of each FSDP unit instead of two."""
+    logps = response_logps(model, batch["input_ids"], batch["response_mask"], average=average)
+    n_pairs = logps.size(0) // 2
+    return logps[:n_pairs], logps[n_pairs:]
 
 # --- losses
 

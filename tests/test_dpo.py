@@ -230,3 +230,147 @@ def test_metrics_names_and_values_on_a_hand_made_batch():
     expected = {"loss": 1.5, "rewards/chosen": 0.3125, "rewards/rejected": 0.1875, "rewards/accuracies": 0.5,
                 "rewards/margins": 0.125, "logps/chosen": -25.0, "logps/rejected": -27.0}
     assert {name: value.item() for name, value in metrics.items()} == pytest.approx(expected)
+
+
+# --- log-probs
+
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from dpo import concatenated_logps, response_logps, token_logps  # noqa: E402
+from gpt2 import GPT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128)).eval()
+    path = tmp_path_factory.mktemp("logps") / "hf"
+    hf.save_pretrained(path)
+    return hf, GPT.from_pretrained(str(path))
+
+
+def prompt_response_batch(side, prompt_lengths=(7, 3, 12), response_lengths=(5, 9, 2)):
+    """Random token rows of prompt + response, padded on `side`; masks as data/ builds them."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = [p + r for p, r in zip(prompt_lengths, response_lengths)]
+    T = max(lengths)
+    input_ids = torch.full((len(lengths), T), 50256)
+    attention_mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    response_mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for row, (p, r) in enumerate(zip(prompt_lengths, response_lengths)):
+        start = 0 if side == "right" else T - p - r
+        input_ids[row, start:start + p + r] = torch.randint(0, 50257, (p + r,), generator=gen)
+        attention_mask[row, start:start + p + r] = True
+        response_mask[row, start + p:start + p + r] = True
+    return input_ids, attention_mask, response_mask
+
+
+def reference_logps_from_transformers(hf, input_ids, attention_mask, response_mask):
+    """The quantity written the plain way: full logits, fp64 log_softmax, gather, masked sum."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = hf(input_ids, attention_mask=attention_mask.long(), position_ids=position_ids).logits
+    logprobs = logits[:, :-1].double().log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (logprobs * response_mask[:, 1:]).sum(-1)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_response_logps_match_transformers(hf_and_ours, side):
+    hf, ours = hf_and_ours
+    input_ids, attention_mask, response_mask = prompt_response_batch(side)
+    expected = reference_logps_from_transformers(hf, input_ids, attention_mask, response_mask)
+    with torch.no_grad():
+        # right padding needs no attention mask; left padding does (and positions from it)
+        got = response_logps(ours, input_ids, response_mask, attention_mask if side == "left" else None)
+        got_mean = response_logps(ours, input_ids, response_mask, attention_mask, average=True)
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=0)
+    assert torch.allclose(got_mean.double(), expected / response_mask.sum(-1), rtol=1e-5, atol=0)
+
+
+def test_concatenated_forward_equals_two_separate_forwards(hf_and_ours):
+    _, ours = hf_and_ours
+    chosen_ids, _, chosen_mask = prompt_response_batch("right", (4, 6), (3, 8))
+    rejected_ids, _, rejected_mask = prompt_response_batch("right", (4, 6), (10, 2))
+    T = max(chosen_ids.size(1), rejected_ids.size(1))
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, T - t.size(1)), value=value)  # noqa: E731
+    batch = {"input_ids": torch.cat([pad(chosen_ids, 50256), pad(rejected_ids, 50256)]),
+             "response_mask": torch.cat([pad(chosen_mask, False), pad(rejected_mask, False)])}
+    with torch.no_grad():
+        chosen, rejected = concatenated_logps(ours, batch)
+        assert torch.allclose(chosen, response_logps(ours, chosen_ids, chosen_mask), rtol=1e-6, atol=1e-5)
+        assert torch.allclose(rejected, response_logps(ours, rejected_ids, rejected_mask), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logps_value_and_gradient_equal_log_softmax(dtype, monkeypatch):
+    monkeypatch.setattr("dpo.LOGSUMEXP_CHUNK", 7)  # several chunks, the last one partial
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(20, 301, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, 301, (20,), generator=gen)
+    weights = torch.randn(20, generator=gen)
+    ours_in = logits.clone().requires_grad_()
+    naive_in = logits.double().requires_grad_()
+    ours = token_logps(ours_in, targets)
+    naive = naive_in.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    (ours * weights).sum().backward()
+    (naive * weights.double()).sum().backward()
+    assert ours.dtype == torch.float32
+    assert torch.allclose(ours.double(), naive, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(ours_in.grad.double(), naive_in.grad, rtol=0, atol=tol)
+
+
+def test_response_logps_backward_matches_transformers_gradient(hf_and_ours):
+    hf, ours = hf_and_ours
+    input_ids, attention_mask, response_mask = prompt_response_batch("right")
+    response_logps(ours, input_ids, response_mask).sum().backward()
+    logits = hf(input_ids).logits
+    (logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1) * response_mask[:, 1:]).sum().backward()
+    ours_grad = ours.transformer.h[0].attn.c_attn.weight.grad
+    hf_grad = hf.transformer.h[0].attn.c_attn.weight.grad.t()  # Conv1D is transposed
+    assert torch.allclose(ours_grad, hf_grad, rtol=1e-4, atol=1e-6)
+    ours.zero_grad(set_to_none=True)
+    hf.zero_grad(set_to_none=True)
+
+
+def saved_bytes_for_backward(fn):
+    """Bytes of all tensors autograd saves while fn runs (distinct storages counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_logps_memory_does_not_grow_with_vocab_times_prompt_length(hf_and_ours):
+    """Growing the prompt from 8 to 96 tokens (same 8-token responses) must not add memory in
+    proportion to T x vocab: the naive full log-softmax adds 88 x 50257 x 4 bytes per row."""
+    _, ours = hf_and_ours
+    V, B, response_len = 50257, 4, 8
+
+    def batch(prompt_len):
+        ids = torch.randint(0, V, (B, prompt_len + response_len), generator=torch.Generator().manual_seed(0))
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        mask[:, prompt_len:] = True
+        return ids, mask
+
+    def ours_bytes(prompt_len):
+        ids, mask = batch(prompt_len)
+        return saved_bytes_for_backward(lambda: response_logps(ours, ids, mask))
+
+    def naive_bytes(prompt_len):
+        ids, mask = batch(prompt_len)
+
+        def naive():
+            logprobs = ours(ids)[:, :-1].float().log_softmax(-1)
+            return (logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]).sum(-1)
+        return saved_bytes_for_backward(naive)
+
+    vocab_rows_added = 88 * B * V * 4
+    assert naive_bytes(96) - naive_bytes(8) >= vocab_rows_added  # the effect being avoided is real
+    assert ours_bytes(96) - ours_bytes(8) < 0.05 * vocab_rows_added
+    ours.zero_grad(set_to_none=True)
