@@ -1,0 +1,109 @@
+"""Preference groups to padded token batches: truncate, split, order, shard across ranks, collate.
+
+Everything here is a pure function of its arguments and seeds: no global RNG state is read or
+touched, so every rank and every rerun sees the same split, the same order and the same batches.
+"""
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from data.formats import PreferenceGroup
+from data.tokenizer import EOT_ID
+
+
+def truncate_groups(groups: list[PreferenceGroup], max_prompt_len: int, max_len: int):
+    """Fit every prompt + response into max_len tokens. Returns (groups, dropped_empty_count).
+
+    The prompt keeps its LAST max_prompt_len tokens: in a dialogue the most recent turns matter most
+    to the answer, and the prompt's end is where the response attaches. Each response then keeps its
+    first max_len - len(prompt) tokens. A pair whose response ends up empty (nothing left to score)
+    is dropped and counted; groups left with no pairs are removed.
+    """
+    if not 1 <= max_prompt_len < max_len:
+        raise ValueError(f"truncate_groups: need 1 <= max_prompt_len < max_len so every response keeps at least "
+                         f"one token, got max_prompt_len={max_prompt_len}, max_len={max_len}")
+    kept_groups, dropped_empty = [], 0
+    for group in groups:
+        prompt = group.prompt[-max_prompt_len:]
+        responses = [response[:max_len - len(prompt)] for response in group.responses]
+        pairs = [(c, r) for c, r in group.pairs if responses[c] and responses[r]]
+        dropped_empty += len(group.pairs) - len(pairs)
+        if pairs:
+            kept_groups.append(replace(group, prompt=prompt, responses=responses, pairs=pairs))
+    return kept_groups, dropped_empty
+
+
+def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int):
+    """Split into (train_groups, eval_groups) by group, so a prompt never lands in both.
+
+    A seeded permutation picks round(eval_fraction * n) eval groups, at least 1 when eval_fraction > 0
+    and there are >= 2 groups, and always leaving >= 1 train group. Both keep the input order.
+    """
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"split_groups: eval_fraction must be in [0, 1), got {eval_fraction}")
+    n_groups = len(groups)
+    n_eval = round(eval_fraction * n_groups)
+    if eval_fraction > 0 and n_groups >= 2:
+        n_eval = min(max(n_eval, 1), n_groups - 1)
+    permutation = np.random.default_rng(seed).permutation(n_groups)
+    eval_indices = set(permutation[:n_eval].tolist())
+    train_groups = [g for i, g in enumerate(groups) if i not in eval_indices]
+    eval_groups = [g for i, g in enumerate(groups) if i in eval_indices]
+    return train_groups, eval_groups
+
+
+@dataclass
+class Pair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    group_index: int  # index into the groups list this pair came from
+
+
+def pairs_of(groups: list[PreferenceGroup]) -> list[Pair]:
+    """Flatten groups into pairs (group order, then pair order), keeping each pair's group index."""
+    return [
+        Pair(group.prompt, group.responses[chosen], group.responses[rejected], group_index)
+        for group_index, group in enumerate(groups)
+        for chosen, rejected in group.pairs
+    ]
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    """A permutation of range(n_items) that depends only on (seed, epoch): the same on every rank and run."""
+    return np.random.default_rng([seed, epoch]).permutation(n_items).tolist()
+
+
+def rank_slice(items: list, rank: int, world_size: int) -> list:
+    """The contiguous part of one global batch that `rank` takes; the ranks' parts partition it."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank_slice: rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
+    if len(items) % world_size != 0:
+        raise ValueError(f"rank_slice: a global batch of {len(items)} cannot be split evenly over {world_size} "
+                         f"ranks; make the global batch size a multiple of the world size")
+    per_rank = len(items) // world_size
+    return items[rank * per_rank:(rank + 1) * per_rank]
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Tensor]:
+    """Pairs to the tensors of ONE forward pass over chosen and rejected together.
+
+    Rows 0..B-1 are prompt+chosen and rows B..2B-1 prompt+rejected, right-padded with pad_id to the
+    longest row T. attention_mask is True on real tokens. response_mask is True at positions that
+    hold a response token: the tokens whose log-probs DPO sums (position t is predicted from t-1,
+    which is why a prompt must be non-empty).
+    """
+    if not pairs:
+        raise ValueError("collate_pairs: got no pairs; a batch needs at least one")
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    T = max(len(prompt) + len(response) for prompt, response in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (2B, T)
+    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (2B, T)
+    for row, (prompt, response) in enumerate(rows):
+        n_prompt, n_total = len(prompt), len(prompt) + len(response)
+        input_ids[row, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[row, :n_total] = True
+        response_mask[row, n_prompt:n_total] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
