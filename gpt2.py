@@ -248,7 +248,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=24, temperature=1.0, top_k=None,
-                 top_p=None, eos_id=EOT_ID, use_cache=True, generator=None):
+                 top_p=None, eos_id=EOT_ID, use_cache=True, generator=None, stop_early=True):
         """Continue a batch of prompts; returns (B, T + n) ids, n <= max_new_tokens.
 
         Prompts of different lengths are left-padded, with attention_mask (B, T) marking real tokens.
@@ -256,6 +256,8 @@ class GPT(nn.Module):
         restricted to the top_k tokens and/or the smallest set whose probability reaches top_p.
         A row that emits eos_id is finished and padded with eos_id; decoding stops when all are
         (eos_id=None: never). use_cache=False recomputes the whole prefix every step (for tests).
+        stop_early=False always runs max_new_tokens steps: under FSDP every rank must run the same
+        number of forward passes, whatever its own rows did.
         """
         B, T = input_ids.shape
         if T + max_new_tokens > self.config.n_positions:
@@ -282,7 +284,7 @@ class GPT(nn.Module):
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             token_mask = torch.cat([token_mask, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
             step_input = next_token[:, None]
-            if eos_id is not None and bool(finished.all()):
+            if stop_early and eos_id is not None and bool(finished.all()):
                 break
         return tokens
 

@@ -1,0 +1,103 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP): complete or invisible.
+
+Layout under <out_dir>/checkpoints/:
+    step_000100/          a complete checkpoint: DCP shards + .metadata + train_state.json
+    .tmp_step_000200/     being written (or left by a crash): never resumed from, removed later
+
+Every rank writes its shards into the .tmp directory; after DCP's own barrier rank 0 writes
+train_state.json and renames the directory. A rename within one filesystem is atomic, so a reader
+sees either no step_000200 or a whole one. Only tensors and JSON are stored: DCP's loader reads
+tensors and its own metadata, and nothing is unpickled from train_state.json.
+"""
+import json
+import os
+import re
+import shutil
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+
+
+def checkpoint_root(out_dir):
+    return os.path.join(out_dir, "checkpoints")
+
+
+def complete_checkpoints(out_dir) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = STEP_DIR.match(name)
+        path = os.path.join(root, name)
+        if match and os.path.isfile(os.path.join(path, "train_state.json")) and os.path.isfile(
+                os.path.join(path, ".metadata")):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_partial_checkpoints(out_dir, log=print):
+    """Delete .tmp_* directories left by a crash during a save (rank 0 only)."""
+    root = checkpoint_root(out_dir)
+    if not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        if name.startswith(".tmp_"):
+            log(f"removing incomplete checkpoint {os.path.join(root, name)} (a save was interrupted)")
+            shutil.rmtree(os.path.join(root, name), ignore_errors=False)
+
+
+def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: int, rank: int):
+    """Collective: every rank calls it. train_state is JSON (step, data position, loss scale...)."""
+    root = checkpoint_root(out_dir)
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = os.path.join(root, f".tmp_step_{step:06d}")
+    if rank == 0:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
+    if rank == 0:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(train_state, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.isdir(final):  # the same step saved again after a resume: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in complete_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer) -> dict:
+    """Collective. Loads model and optimizer shards in place; returns train_state."""
+    with open(os.path.join(path, "train_state.json")) as f:
+        train_state = json.load(f)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as err:  # DCP wraps per-rank failures; name the checkpoint and what to do
+        raise RuntimeError(f"{path}: could not load this checkpoint ({type(err).__name__}: {err}). "
+                           "Was it written with another model size or config? Delete it to start over, "
+                           "or point out_dir elsewhere.") from err
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return train_state
+
+
+def check_compatible(path, train_state: dict, expected: dict):
+    """Refuse a checkpoint whose model shape or data differ from this run's, naming what differs."""
+    differs = [f"{key}: checkpoint {train_state.get(key)!r} vs this run {value!r}"
+               for key, value in expected.items() if train_state.get(key) != value]
+    if differs:
+        raise ValueError(f"{path}: checkpoint does not match this run's config: " + "; ".join(differs) +
+                         ". Use another out_dir to start a new run.")
+

@@ -1,0 +1,218 @@
+"""The trainer's configuration: one dataclass, YAML files under config/, `--key=value` overrides.
+
+Every key is a field below with its default and meaning; `python fsdp_train.py --help` prints
+them. Unknown keys and values of the wrong type are refused with a message naming the file or
+flag, before anything is written or any weights are loaded.
+"""
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from data.formats import KINDS
+from dpo import LOSS_TYPES
+
+
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # --- run
+    out_dir: str = option("out/run", "run directory: metrics.jsonl, samples.md, checkpoints/, final/, config.yaml")
+    seed: int = option(0, "seed for the split, the data order, init from scratch and sampling")
+    device: str = option("auto", "cpu, cuda or auto (cuda when available); picks nccl or gloo")
+    wandb_log: bool = option(False, "also send metrics to Weights & Biases (pip install wandb)")
+    wandb_project: str = option("gpt2-dpo", "W&B project name")
+    # --- model
+    init_from: str = option("gpt2", "starting weights: a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, org/name), "
+                            "a local directory with config.json + model.safetensors, or 'scratch'")
+    n_layer: int = option(2, "layers, with init_from=scratch")
+    n_head: int = option(2, "attention heads, with init_from=scratch")
+    n_embd: int = option(64, "width, with init_from=scratch")
+    n_positions: int = option(128, "context length, with init_from=scratch")
+    # --- data
+    dataset: str = option("demo", f"data format: one of {', '.join(KINDS)} (demo needs no file)")
+    data_path: str = option("", "file to read (lm_human_preferences: a path, or 'sentiment'/'descriptiveness' to "
+                            "download OpenAI's offline_5k.json); ignored for demo")
+    max_records: int = option(0, "keep only the first N records (0 = all; OpenAI trained on 4992 of offline_5k)")
+    max_prompt_len: int = option(64, "prompt tokens kept; longer prompts keep their LAST tokens (the recent context)")
+    max_len: int = option(88, "prompt + response tokens; responses are cut to max_len - prompt length")
+    eval_fraction: float = option(0.05, "fraction of prompts (groups) held out for evaluation")
+    # --- objective
+    objective: str = option("dpo", "dpo, or sft: maximise the likelihood of the chosen responses")
+    loss_type: str = option("sigmoid", f"DPO loss: one of {', '.join(LOSS_TYPES)} (see README)")
+    beta: float = option(0.1, "DPO's beta: strength of the KL penalty towards the reference")
+    label_smoothing: float = option(0.0, "assumed label-flip rate eps in [0, 0.5) for sigmoid (cDPO) and robust")
+    reference_free: bool = option(False, "take the reference log-probs as 0 (no reference model)")
+    logps: str = option("auto", "sequence log-prob: sum over response tokens, mean per token, or auto "
+                        "(mean for ipo, as the IPO paper; sum otherwise, as DPO)")
+    precompute_reference: bool = option(False, "compute the reference log-probs of every pair once before "
+                                        "training, cache them in out_dir, and hold no reference model")
+    # --- optimisation
+    lr: float = option(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay, applied to 2-D weights only")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    warmup_steps: int = option(0, "linear warmup from 0 to lr over this many optimizer steps")
+    lr_schedule: str = option("constant", "after warmup: constant, or cosine decay to 0 at the last step")
+    batch_size: int = option(64, "pairs per optimizer step, over all ranks (independent of the world size)")
+    micro_batch_size: int = option(8, "pairs per forward pass on one rank; the rest is gradient accumulation")
+    epochs: int = option(1, "passes over the training pairs")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = run all epochs)")
+    grad_clip: float = option(10.0, "clip the global gradient norm to this (0 = no clipping)")
+    max_bad_steps: int = option(0, "optimizer steps with a non-finite loss or gradient norm to skip before "
+                                "stopping (0 = stop at the first)")
+    # --- parallelism and precision
+    precision: str = option("bf16", "bf16 (bf16 compute, fp32 master weights and grad reduction), fp16 "
+                            "(same with dynamic loss scaling, for GPUs without bf16), or fp32")
+    sharding: str = option("full", "full: FSDP over all ranks; hybrid: shard within a node, replicate across "
+                           "nodes (HSDP); none: no FSDP (one process only)")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)")
+    compile: bool = option(False, "torch.compile each transformer block")
+    # --- evaluation, samples, logging, checkpoints
+    eval_every: int = option(100, "evaluate on the held-out pairs every N steps (and at the end; 0 = end only)")
+    kl_samples: int = option(16, "held-out prompts sampled to estimate KL(policy || reference) at each eval")
+    n_samples: int = option(8, "held-out prompts in the before/after sample table (samples.md)")
+    max_new_tokens: int = option(24, "tokens sampled per continuation (samples and KL estimate)")
+    temperature: float = option(0.7, "sampling temperature (0 = greedy)")
+    log_every: int = option(10, "print a progress line and append to metrics.jsonl every N steps")
+    ckpt_every: int = option(0, "save a sharded checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = option(2, "complete checkpoints to keep; older ones are deleted")
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft"), "loss_type": LOSS_TYPES,
+    "logps": ("auto", "sum", "mean"), "lr_schedule": ("constant", "cosine"),
+    "precision": ("bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
+}
+POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
+            "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")
+NON_NEGATIVE = ("max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
+                "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature", "label_smoothing")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def field_types():
+    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(key, value, source):
+    """A YAML value or a command-line string, checked against the field's type."""
+    kind = field_types()[key]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+
+
+def unknown_key_message(key, source):
+    close = difflib.get_close_matches(key, list(field_types()), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{source}: unknown key {key!r}{hint} (`python fsdp_train.py --help` lists every key)"
+
+
+def validate(cfg: TrainConfig):
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be > 0, got {getattr(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {cfg.beta}")
+    if not cfg.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    if not 0 <= cfg.eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.max_prompt_len >= cfg.max_len:
+        raise ConfigError(f"max_prompt_len ({cfg.max_prompt_len}) must be < max_len ({cfg.max_len}) so every "
+                          "response keeps at least one token")
+    if cfg.batch_size % cfg.micro_batch_size:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
+                          f"({cfg.micro_batch_size})")
+    if cfg.dataset != "demo" and not cfg.data_path:
+        raise ConfigError(f"dataset={cfg.dataset} needs data_path (the file to read)")
+    if cfg.dataset == "jsonl" or cfg.dataset == "hh" or (cfg.dataset == "lm_human_preferences" and
+                                                          cfg.data_path not in ("sentiment", "descriptiveness")):
+        if not os.path.isfile(cfg.data_path):
+            raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
+    if cfg.precompute_reference and cfg.reference_free:
+        raise ConfigError("precompute_reference and reference_free exclude each other")
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """--config_file PATH, then --key=value overrides, then validation."""
+    parser = argparse.ArgumentParser(
+        prog="fsdp_train.py", description="DPO (and SFT) for GPT-2 with FSDP2. Launch with torchrun for "
+        "several processes: torchrun --nproc_per_node N fsdp_train.py --config_file config/X.yaml",
+        argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config_file", help="YAML file of keys below; flags given after it override it")
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})"
+        if f.type is bool:  # --flag alone means true; --flag=false also works
+            parser.add_argument(f"--{f.name}", nargs="?", const="true", metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(f"--{f.name}", metavar=f.type.__name__.upper(), help=help_text)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        key = unknown[0].lstrip("-").split("=")[0]
+        raise ConfigError(unknown_key_message(key, f"command line ({unknown[0]})"))
+    values = {}
+    config_file = vars(args).pop("config_file", None)
+    if config_file is not None:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"--config_file {config_file!r}: no such file")
+        with open(config_file) as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{config_file}: not valid YAML ({err})") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of key: value, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            if key not in field_types():
+                raise ConfigError(unknown_key_message(key, config_file))
+            values[key] = coerce(key, value, config_file)
+    for key, value in vars(args).items():
+        values[key] = coerce(key, value, f"--{key}")
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
