@@ -1,0 +1,178 @@
+"""fsdp_train.py end to end, on CPU/gloo, against independent references: a single process without
+FSDP, one batch without accumulation, an uninterrupted run, transformers on the exported model."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel
+
+from conftest import ROOT
+from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
+from data.demo import make_demo_groups
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--n_positions=64", "--dataset=demo",
+        "--max_prompt_len=16", "--max_len=32", "--eval_fraction=0.1", "--batch_size=8", "--micro_batch_size=4",
+        "--max_steps=4", "--lr=1e-3", "--precision=fp32", "--device=cpu", "--log_every=1", "--eval_every=0",
+        "--n_samples=2", "--kl_samples=2", "--max_new_tokens=4", "--seed=0"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_python(out_dir, *extra, check=True):
+    result = subprocess.run([sys.executable, "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def torchrun(nproc, out_dir, *extra, nnodes=1, node_rank=0, port=None):
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+               f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
+               "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait(process):
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+def train_losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+def final_weights(out_dir):
+    return load_file(os.path.join(out_dir, "final", "model.safetensors"))
+
+
+def assert_same_losses(a, b, rel=1e-5):
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) <= rel * abs(y) + 1e-6, (a, b)
+
+
+def assert_weights_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process, no FSDP (sharding=none), micro-batches of 4 (accumulation 2)."""
+    out_dir = tmp_path_factory.mktemp("single")
+    run_python(out_dir, "--sharding=none", "--ckpt_every=2")
+    return out_dir
+
+
+def test_fsdp_two_ranks_equal_one_process_without_fsdp(single, tmp_path):
+    wait(torchrun(2, tmp_path))
+    assert_same_losses(train_losses(tmp_path), train_losses(single))
+    assert_weights_close(final_weights(tmp_path), final_weights(single))
+
+
+def test_two_nodes_hybrid_sharding_equal_one_node(single, tmp_path):
+    """Two torchrun launches as two "nodes" on 127.0.0.1, HSDP over a (2 nodes x 1) mesh."""
+    port = free_port()
+    nodes = [torchrun(1, tmp_path, "--sharding=hybrid", nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    for node in nodes:
+        wait(node)
+    assert_same_losses(train_losses(tmp_path), train_losses(single))
+    assert_weights_close(final_weights(tmp_path), final_weights(single))
+
+
+def test_gradient_accumulation_equals_one_large_batch(single, tmp_path):
+    run_python(tmp_path, "--sharding=none", "--micro_batch_size=8")  # 1 x 8 against 2 x 4
+    assert_same_losses(train_losses(tmp_path), train_losses(single))
+    assert_weights_close(final_weights(tmp_path), final_weights(single))
+
+
+def test_stop_and_resume_is_bitwise_equal_to_uninterrupted(single, tmp_path):
+    run_python(tmp_path, "--sharding=none", "--ckpt_every=2", "--max_steps=2")
+    assert os.path.isdir(tmp_path / "checkpoints" / "step_000002")
+    resumed = run_python(tmp_path, "--sharding=none", "--ckpt_every=2")  # same command, more steps
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert train_losses(tmp_path) == train_losses(single)
+    a, b = final_weights(tmp_path), final_weights(single)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_precomputed_reference_gives_the_same_losses(single, tmp_path):
+    run_python(tmp_path, "--sharding=none", "--precompute_reference=true")
+    assert (tmp_path / "reference_logps.safetensors").exists()
+    assert_same_losses(train_losses(tmp_path), train_losses(single))
+
+
+def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
+    """The trainer's final eval logged the mean chosen log-prob of the held-out pairs; recompute it
+    with transformers on the exported weights and the same split."""
+    model, info = GPT2LMHeadModel.from_pretrained(single / "final", output_loading_info=True)
+    assert not any(info.values()), info
+    groups, _ = truncate_groups(make_demo_groups(), max_prompt_len=16, max_len=32)
+    _, eval_groups = split_groups(groups, 0.1, seed=0)
+    batch = collate_pairs(pairs_of(eval_groups))
+    with torch.no_grad():
+        logits = model.eval()(batch["input_ids"]).logits.double()
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    sequence_logps = (logprobs * batch["response_mask"][:, 1:]).sum(-1)
+    expected = sequence_logps[: len(sequence_logps) // 2].mean().item()
+    with open(single / "metrics.jsonl") as f:
+        final_eval = [json.loads(line) for line in f if "eval/logps/chosen" in line][-1]
+    assert abs(final_eval["eval/logps/chosen"] - expected) <= 1e-5 * abs(expected)
+    assert (single / "samples.md").read_text().startswith("| Prompt | Before training")
+
+
+def test_demo_config_learns(tmp_path):
+    """The README's demo: held-out reward accuracy starts at 0 (all rewards are 0 at step 0, so no
+    pair is ranked right) and must end well above chance."""
+    result = subprocess.run([sys.executable, "fsdp_train.py", "--config_file=config/demo.yaml",
+                             f"--out_dir={tmp_path}", "--device=cpu", "--ckpt_every=0"],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        evals = [json.loads(line) for line in f if "eval/rewards/accuracies" in line]
+    assert evals[-1]["eval/rewards/accuracies"] >= 0.9
+    assert evals[-1]["eval/rewards/margins"] > 1.0
+    assert "final eval" in result.stdout and "| Prompt |" in result.stdout
+    assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bogus_key=1"], "unknown key 'bogus_key'"),
+    (["--beta=abc"], "--beta: beta must be float, got 'abc'"),
+    (["--loss_type=foo"], "loss_type='foo' is not one of"),
+    (["--beta=0"], "beta must be > 0"),
+    (["--dataset=jsonl", "--data_path=does/not/exist.jsonl"], "does/not/exist.jsonl"),
+    (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
+])
+def test_bad_config_fails_before_writing_anything(tmp_path, args, message):
+    out_dir = tmp_path / "run"
+    result = run_python(out_dir, *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not out_dir.exists()
+
+
+def test_bad_yaml_key_names_the_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("betta: 0.1\n")
+    result = run_python(tmp_path / "run", f"--config_file={config}", check=False)
+    assert result.returncode != 0
+    assert f"{config}: unknown key 'betta'; did you mean 'beta'?" in result.stderr
+    assert not (tmp_path / "run").exists()
