@@ -5,14 +5,19 @@ Layout under <out_dir>/checkpoints/:
     .tmp_step_000200/     being written (or left by a crash): never resumed from, removed later
 
 Every rank writes its shards into the .tmp directory; after DCP's own barrier rank 0 writes
-train_state.json and renames the directory. A rename within one filesystem is atomic, so a reader
-sees either no step_000200 or a whole one. Only tensors and JSON are stored: DCP's loader reads
-tensors and its own metadata, and nothing is unpickled from train_state.json.
+train_state.json (with the size and sha256 of every file) and renames the directory. A rename
+within one filesystem is atomic, so a reader sees either no step_000200 or a whole one; the
+checksums catch files truncated or altered afterwards. Only tensors and JSON are stored.
+
+Fault injection for tests/test_faults.py: GPT2_DPO_FAULT=kill_during_save:STEP makes rank 0
+SIGKILL itself after the shards of STEP are written and before the rename.
 """
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -64,6 +69,10 @@ def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: in
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
     if rank == 0:
+        if os.environ.get("GPT2_DPO_FAULT") == f"kill_during_save:{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        train_state = dict(train_state, files={name: file_fingerprint(os.path.join(tmp, name))
+                                               for name in sorted(os.listdir(tmp))})
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=2)
             f.flush()
@@ -75,6 +84,28 @@ def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: in
             shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def file_fingerprint(path):
+    with open(path, "rb") as f:
+        return [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
+
+
+def verify_files(path) -> str | None:
+    """None if every file listed in train_state.json is there with its size and sha256; else what
+    differs, naming the file."""
+    with open(os.path.join(path, "train_state.json")) as f:
+        expected = json.load(f).get("files", {})
+    for name, (size, digest) in expected.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file}: missing from the checkpoint"
+        actual_size, actual_digest = file_fingerprint(file)
+        if actual_size != size:
+            return f"{file}: {actual_size} bytes, the checkpoint recorded {size} (truncated or overwritten)"
+        if actual_digest != digest:
+            return f"{file}: sha256 differs from the one recorded at save time (corrupted)"
+    return None
 
 
 def load_checkpoint(path, model, optimizer) -> dict:

@@ -362,15 +362,18 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def check_writable(out_dir):
-    os.makedirs(out_dir, exist_ok=True)
+def writable_problem(out_dir) -> str | None:
+    """Why the run directory can't be written, found before training rather than at the first
+    checkpoint; None when it can."""
     probe = os.path.join(out_dir, ".write_test")
     try:
+        os.makedirs(out_dir, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise ConfigError(f"out_dir {out_dir!r} is not writable ({err})") from err
+        return f"out_dir {out_dir!r} is not writable ({err})"
+    return None
 
 
 def peak_memory_gib(device):
@@ -411,9 +414,9 @@ def main(argv=None):
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
                           f"({cfg.micro_batch_size}) x world size ({dp_world})")
     log = print if rank == 0 else (lambda *a, **k: None)
-    if rank == 0:
-        check_writable(cfg.out_dir)
-    dist.barrier()
+    problem = broadcast_json(writable_problem(cfg.out_dir) if rank == 0 else None, device)
+    if problem:  # every rank raises, none is left waiting in a collective
+        raise ConfigError(problem)
     log(f"data: {json.dumps(counts)}")
 
     identity = {k: getattr(cfg, k) for k in RUN_IDENTITY_KEYS}
@@ -439,6 +442,10 @@ def main(argv=None):
     if checkpoints:
         if rank == 0:
             checkpoint.remove_partial_checkpoints(cfg.out_dir, log)
+        problem = broadcast_json(checkpoint.verify_files(checkpoints[-1][1]) if rank == 0 else None, device)
+        if problem:  # all ranks raise together (a lone rank raising would leave the others waiting)
+            raise ValueError(f"cannot resume: {problem}. Move the checkpoint away to resume from an older "
+                             "one, or use another out_dir.")
         train_state = checkpoint.load_checkpoint(checkpoints[-1][1], policy, optimizer)
         step, scaler.scale = train_state["step"], train_state["loss_scale"]
         log(f"resumed from {checkpoints[-1][1]} at step {step}")
@@ -569,6 +576,9 @@ if __name__ == "__main__":
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
         main()
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: say what and where, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except (RuntimeError, OSError) as err:  # stopped during the run (non-finite loss, disk full, ...)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

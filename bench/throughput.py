@@ -1,0 +1,551 @@
+"""Time one full DPO training step: ours (fsdp_train.train_step) against the same step in transformers.
+
+    python bench/throughput.py --device cpu --sizes gpt2,gpt2-medium --pairs 8 --dtype fp32
+    python bench/throughput.py --device cuda --dtype bf16                       # all four sizes
+    torchrun --nproc_per_node 8 bench/throughput.py --sizes gpt2-xl             # FSDP, ours only
+    python bench/throughput.py --fsdp_memory --sizes gpt2                       # world sizes 1 and 2
+    torchrun --nproc_per_node 2 bench/throughput.py --fsdp_memory --sizes gpt2  # one world size
+
+One step = policy forward + backward on chosen and rejected, reference forward, gradient clipping,
+AdamW step. "ours" calls the trainer's own functions (initial_weights, build_model, make_optimizer,
+train_step); "transformers" is the same DPO step written the straightforward way with
+GPT2LMHeadModel. Both see the same collated batch, random init at the real shapes, no download.
+As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory.
+
+FLOPs per step (model FLOPs: recomputation from activation checkpointing is not counted), with
+S = 2 * pairs sequences of T = prompt_len + response_len tokens, L layers, width d, vocab V,
+N = parameters of the blocks and ln_f (all that multiplies every token; embeddings are lookups),
+H = LM-head rows: S * response_len for ours (logits only where a response token is predicted),
+S * T for transformers (logits at every position):
+    policy    = S*T * (6*N + 12*L*T*d) + 6*d*V*H     forward + backward
+    reference = S*T * (2*N +  4*L*T*d) + 2*d*V*H     forward only
+    step      = policy + reference
+4*L*T*d per token is attention's QK^T and AV over all T keys (the PaLM convention: no discount
+for the causal mask). MFU = step FLOPs / step time / the bf16 matmul rate measured in the same
+run (CUDA only; null on CPU). See bench/NOTES.md.
+"""
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fsdp_train  # noqa: E402
+from data.batches import Pair, collate_pairs  # noqa: E402
+from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig  # noqa: E402
+from train_config import TrainConfig  # noqa: E402
+
+# The four GPT-2 shapes, plus a tiny one for smoke tests (full vocab, so the LM head is still real).
+SIZES = {name: GPTConfig.from_name(name) for name in PRESETS} | {"tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64)}
+IMPLS = ("ours", "transformers")
+
+
+# ----------------------------------------------------------------------------- options
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl", help=f"comma list of {list(SIZES)}")
+    p.add_argument("--pairs", type=int, default=8, help="preference pairs per step (per rank under torchrun)")
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--response_len", type=int, default=24)
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (at least 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, kernels, compile)")
+    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="ours: per block, as the trainer; transformers: whole model")
+    p.add_argument("--impls", default="ours,transformers")
+    p.add_argument("--sharding", default="auto", choices=("auto", "none", "full"),
+                   help="ours: auto = none (plain module) for a single fp32 process without activation "
+                        "checkpointing or compile, else full (FSDP, also over one rank): the trainer applies "
+                        "bf16, checkpointing and compile only through parallelize()")
+    p.add_argument("--fsdp_memory", action="store_true",
+                   help="per-rank bytes of params, grads and optimizer state under FSDP, and step time")
+    p.add_argument("--world_sizes", default="1,2", help="--fsdp_memory as a plain python: torchrun each of these")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process; 0 = cores / local ranks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"),
+                   help="where <device>-<dtype>-<yyyymmdd>.json goes")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # "size:impl", run in a subprocess
+    p.add_argument("--_worker_out", default=None, help=argparse.SUPPRESS)  # where that subprocess writes its JSON
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.sizes = args.sizes.split(",")
+    args.impls = args.impls.split(",")
+    if unknown := [s for s in args.sizes if s not in SIZES]:
+        p.error(f"--sizes: unknown {unknown}; choose from {list(SIZES)}")
+    if unknown := [i for i in args.impls if i not in IMPLS]:
+        p.error(f"--impls: unknown {unknown}; choose from {list(IMPLS)}")
+    if args.steps < 10:
+        p.error(f"--steps must be >= 10 so that the median and spread mean something, got {args.steps}")
+    if min(args.pairs, args.prompt_len, args.response_len) < 1 or args.warmup < 0:
+        p.error("--pairs, --prompt_len and --response_len must be >= 1, --warmup >= 0")
+    if args.prompt_len + args.response_len > 1024:
+        p.error("--prompt_len + --response_len must fit GPT-2's 1024 positions")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.world > 1 and "transformers" in args.impls:  # it has no sharded variant here
+        if os.environ.get("RANK") == "0":
+            print("under torchrun only ours is timed (FSDP); transformers runs as a plain python", file=sys.stderr)
+        args.impls = [i for i in args.impls if i != "transformers"]
+    if args.world > 1 and args.sharding == "none":
+        p.error("--sharding none is one process only; under torchrun ours runs with FSDP (full)")
+    if args.sharding == "auto":
+        plain = args.world == 1 and args.dtype == "fp32" and not (args.activation_checkpointing or args.compile)
+        args.sharding = "none" if plain and not args.fsdp_memory else "full"
+    if args.fsdp_memory:
+        args.sharding = "full"
+    return args
+
+
+def set_threads(args):
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_ranks))
+
+
+# ----------------------------------------------------------------------------- the batch
+
+def make_batch(args, seed):
+    """`pairs` random preference pairs of fixed lengths, collated as the trainer collates them:
+    rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected. Both impls get these exact tensors.
+    A trainer option that changes the batch layout (e.g. prefix sharing) is switched in here."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def tokens(n):  # ids below EOT_ID (50256, the last id and the pad): any ordinary GPT-2 token
+        return torch.randint(0, EOT_ID, (n,), generator=generator).tolist()
+
+    pairs = [Pair(tokens(args.prompt_len), tokens(args.response_len), tokens(args.response_len), group_index=i)
+             for i in range(args.pairs)]
+    return collate_pairs(pairs)  # input_ids, attention_mask, response_mask: (2B, T)
+
+
+# ----------------------------------------------------------------------------- FLOPs and memory
+
+def step_flops(config: GPTConfig, impl, n_seqs, seq_len, response_len):
+    """Model FLOPs of one DPO step (formula in the module docstring and bench/NOTES.md)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    n_body = sum(p.numel() for p in model.transformer.h.parameters()) + sum(
+        p.numel() for p in model.transformer.ln_f.parameters())
+    L, d, V = config.n_layer, config.n_embd, config.vocab_size
+    tokens = n_seqs * seq_len
+    head_rows = n_seqs * (response_len if impl == "ours" else seq_len)
+    attention = 4 * L * seq_len * d  # per token, forward
+    policy = tokens * (6 * n_body + 3 * attention) + 6 * d * V * head_rows
+    reference = tokens * (2 * n_body + attention) + 2 * d * V * head_rows
+    return policy + reference
+
+
+def proc_status_bytes(field):
+    """VmRSS (now) or VmHWM (peak) of this process from /proc; getrusage's peak elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def matmul_peak_flops_per_s(device, dtype):
+    """The best rate of a large square matmul: the denominator of MFU."""
+    n, iters = (8192, 20) if device.type == "cuda" else (2048, 4)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(4):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / iters)
+    return 2 * n ** 3 / best
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def local_bytes(tensors):
+    """Bytes this rank holds: the local shard of a DTensor, the whole of a plain tensor."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- the two steps
+
+def train_config(args, size):
+    shape = SIZES[size]
+    return TrainConfig(init_from="scratch", n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                       n_positions=shape.n_positions, device=args.device, seed=args.seed, precision=args.dtype,
+                       sharding=args.sharding, activation_checkpointing=args.activation_checkpointing,
+                       compile=args.compile, batch_size=args.pairs, micro_batch_size=args.pairs,
+                       max_prompt_len=args.prompt_len, max_len=args.prompt_len + args.response_len)
+
+
+def build_ours(args, size, rank, device, mesh):
+    """The trainer's own models, optimizer and step; nothing of it is re-implemented here."""
+    cfg = train_config(args, size)
+    config, full_state = fsdp_train.initial_weights(cfg, rank, device)
+    policy = fsdp_train.build_model(config, full_state, cfg, mesh, device, trainable=True)
+    reference = fsdp_train.build_model(config, full_state, cfg, mesh, device, trainable=False)
+    del full_state
+    optimizer = fsdp_train.make_optimizer(policy, cfg, device)
+    scaler = fsdp_train.LossScaler(enabled=cfg.precision == "fp16")
+    lr = fsdp_train.lr_at(0, 1, cfg)
+
+    def step(batch):
+        metrics, _, _ = fsdp_train.train_step(policy, reference, optimizer, [batch], cfg, lr, scaler)
+        return metrics["loss"]
+    return step, policy, reference, optimizer
+
+
+def build_transformers(args, size, device):
+    """What a user would otherwise write: GPT2LMHeadModel, full logits, log_softmax in fp32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    shape, cfg = SIZES[size], train_config(args, size)
+    hf_config = GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                           vocab_size=shape.vocab_size, n_positions=shape.n_positions, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(args.seed)
+    policy = GPT2LMHeadModel(hf_config).to(device).train()
+    torch.manual_seed(args.seed)  # the same init: the reference starts equal to the policy
+    reference = GPT2LMHeadModel(hf_config).to(device).eval().requires_grad_(False)
+    if args.activation_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    policy_fn, reference_fn = (torch.compile(policy), torch.compile(reference)) if args.compile else (policy, reference)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                else contextlib.nullcontext())
+
+    def sequence_logps(model, batch):
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+        logps = logits[:, :-1].float().log_softmax(-1)  # (2B, T-1, V) fp32
+        token_logps = logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)  # (2B, T-1)
+        return (token_logps * batch["response_mask"][:, 1:]).sum(-1)  # (2B,)
+
+    def step(batch):
+        n_pairs = batch["input_ids"].size(0) // 2
+        policy_logps = sequence_logps(policy_fn, batch)
+        with torch.no_grad():
+            reference_logps = sequence_logps(reference_fn, batch)
+        logratios = policy_logps - reference_logps  # (2B,)
+        loss = -F.logsigmoid(cfg.beta * (logratios[:n_pairs] - logratios[n_pairs:])).mean()  # DPO Eq. 7
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)  # the trainer clips too: same work
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step, policy, reference, optimizer
+
+
+def time_steps(step, batch, args, device):
+    """(step times in s, losses) of the timed steps, after args.warmup untimed ones."""
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step(batch)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    return times, losses
+
+
+def timing_fields(times, tokens_per_step, flops_per_step):
+    ms = sorted(t * 1e3 for t in times)
+    deciles = statistics.quantiles(ms, n=10, method="inclusive")
+    median_s = statistics.median(times)
+    return {"tokens_per_s": tokens_per_step / median_s, "step_ms_median": statistics.median(ms),
+            "step_ms_min": ms[0], "step_ms_max": ms[-1], "step_ms_p10": deciles[0], "step_ms_p90": deciles[-1],
+            "step_ms_all": [round(t * 1e3, 2) for t in times],  # in the order they ran
+            "model_flops_per_step": flops_per_step, "model_flops_per_s": flops_per_step / median_s}
+
+
+# ----------------------------------------------------------------------------- one measurement
+
+def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
+    """One (size, impl): build, warm up, time; a row of the results. Memory is this process's peak."""
+    device = device or torch.device(args.device)
+    rss_before_model = proc_status_bytes("VmRSS")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if impl == "ours":
+        step, policy, reference, optimizer = build_ours(args, size, rank, device, mesh)
+    else:
+        step, policy, reference, optimizer = build_transformers(args, size, device)
+    batch = fsdp_train.to_device(make_batch(args, seed=args.seed + rank), device)
+    grad_bytes = []  # read just before AdamW runs: train_step frees the gradients after it
+    hook = optimizer.register_step_pre_hook(lambda *_: grad_bytes.append(
+        local_bytes(p.grad for p in policy.parameters() if p.grad is not None)))
+    times, losses = time_steps(step, batch, args, device)
+    hook.remove()
+    config = SIZES[size]
+    n_seqs, seq_len = 2 * args.pairs, args.prompt_len + args.response_len
+    row = {"size": size, "impl": impl, "device": device.type, "n_layer": config.n_layer, "n_head": config.n_head,
+           "n_embd": config.n_embd, "n_params": sum(p.numel() for p in policy.parameters()), "world_size": world,
+           "sharding": args.sharding if impl == "ours" else "none", "precision": args.dtype,
+           "tokens_per_step": world * n_seqs * seq_len,
+           **timing_fields(times, world * n_seqs * seq_len,
+                           world * step_flops(config, impl, n_seqs, seq_len, args.response_len)),
+           "loss_first": losses[0], "loss_last": losses[-1], "rss_before_model_bytes": rss_before_model}
+    if device.type == "cuda":
+        row |= {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_mem_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+    else:
+        row |= {"peak_mem_bytes": proc_status_bytes("VmHWM")}
+    row |= {"param_bytes": local_bytes(policy.parameters()), "grad_bytes": grad_bytes[-1] if grad_bytes else 0,
+            "optimizer_bytes": local_bytes(v for s in optimizer.state.values() for v in s.values()
+                                           if torch.is_tensor(v)),
+            "reference_param_bytes": local_bytes(reference.parameters()),
+            "unsharded_param_bytes": sum(p.numel() * p.element_size() for p in policy.parameters())}
+    row["train_state_bytes"] = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
+    del step, policy, reference, optimizer, batch
+    gc.collect()
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else fsdp_train.DTYPES[args.dtype]
+    row["matmul_peak_flops_per_s"] = matmul_peak_flops_per_s(device, peak_dtype) if rank == 0 else None
+    row["matmul_peak_dtype"] = str(peak_dtype).removeprefix("torch.")
+    row["mfu"] = None  # set by the caller on CUDA, against the best bf16 rate of the run
+    return row
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+# ----------------------------------------------------------------------------- drivers
+
+def run_worker(args):
+    """Subprocess: one (size, impl) in a fresh process; writes its row as JSON."""
+    set_threads(args)
+    size, impl = args._worker.split(":")
+    device, mesh, rank = torch.device(args.device), None, 0
+    if impl == "transformers":  # imported before the baseline RSS is read, as fsdp_train is for ours
+        import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+    if impl == "ours":  # the trainer's own set-up: a one-process group (gloo / nccl), a mesh when sharded
+        cfg = train_config(args, size)
+        rank, _, device, mesh = fsdp_train.setup_distributed(cfg)
+    row = measure(args, size, impl, rank, 1, device, mesh)
+    row["device_name"] = device_name(device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    with open(args._worker_out, "w") as f:
+        json.dump(row, f)
+
+
+def run_in_subprocesses(args):
+    """Plain python: every (size, impl) in its own process, so each gets its own peak memory."""
+    rows = []
+    for size in args.sizes:
+        for impl in args.impls:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "row.json")
+                command = [sys.executable, os.path.abspath(__file__), *args.argv, f"--_worker={size}:{impl}",
+                           f"--_worker_out={out}"]
+                print(f"running {size} {impl} ...", flush=True)
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode == 0 and os.path.exists(out):
+                    with open(out) as f:
+                        rows.append(json.load(f))
+                else:
+                    tail = (result.stdout + result.stderr)[-2000:]
+                    print(f"{size} {impl} failed (exit {result.returncode}):\n{tail}", file=sys.stderr)
+                    rows.append({"size": size, "impl": impl, "error": tail, "tokens_per_s": None,
+                                 "step_ms_median": None, "peak_mem_bytes": None, "mfu": None})
+    return rows
+
+
+def run_distributed(args):
+    """Under torchrun: ours with FSDP over all ranks, every size in this process (rank 0 reports).
+    With --fsdp_memory the rows also carry each rank's bytes (gathered to rank 0)."""
+    set_threads(args)
+    rank, world, device, mesh = fsdp_train.setup_distributed(train_config(args, args.sizes[0]))
+    rows = []
+    for size in args.sizes:
+        row = measure(args, size, "ours", rank, world, device, mesh)
+        keys = ["param_bytes", "grad_bytes", "optimizer_bytes", "reference_param_bytes", "train_state_bytes",
+                "peak_mem_bytes", "step_ms_median"]
+        local = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=device)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        row["per_rank"] = [dict(zip(keys, t.tolist())) for t in gathered]
+        for k in ("train_state_bytes", "peak_mem_bytes"):
+            row[k] = max(r[k] for r in row["per_rank"])  # the rank that runs out first
+        row["device_name"] = device_name(device)
+        rows.append(row)
+    dist.destroy_process_group()
+    return rows if rank == 0 else None
+
+
+def run_fsdp_worlds(args):
+    """--fsdp_memory as a plain python: torchrun each world size, then the ratios to world size 1."""
+    rows = []
+    for world in [int(w) for w in args.world_sizes.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "rows.json")
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                       os.path.abspath(__file__), *args.argv, f"--_worker_out={out}"]
+            print(f"running --fsdp_memory at world size {world} ...", flush=True)
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"torchrun at world size {world} failed (exit {result.returncode}):\n"
+                         + (result.stdout + result.stderr)[-3000:])
+            with open(out) as f:
+                rows += json.load(f)["rows"]
+    return rows
+
+
+def ratios(rows, fsdp_memory):
+    out = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        if fsdp_memory:
+            by_world = {r["world_size"]: r for r in rows if r["size"] == size}
+            for world, row in by_world.items():
+                if world != 1 and 1 in by_world:
+                    state = row["train_state_bytes"] / by_world[1]["train_state_bytes"]
+                    out.append({"size": size, "world_size": world, "train_state_bytes_vs_world1": state,
+                                "step_ms_vs_world1": row["step_ms_median"] / by_world[1]["step_ms_median"],
+                                "meets_target_0.55": state <= 0.55})
+            continue
+        by_impl = {r["impl"]: r for r in rows if r["size"] == size and r.get("tokens_per_s")}
+        if len(by_impl) == 2:
+            ours, hf = by_impl["ours"], by_impl["transformers"]
+            speedup = ours["tokens_per_s"] / hf["tokens_per_s"]
+            mem_ratio = ours["peak_mem_bytes"] / hf["peak_mem_bytes"]
+            above = [r["peak_mem_bytes"] - r["rss_before_model_bytes"] for r in (ours, hf)]
+            out.append({"size": size, "speedup": speedup, "mem_ratio": mem_ratio,
+                        # CPU: peak RSS minus the RSS of the process before it built anything
+                        "mem_ratio_above_baseline": above[0] / above[1] if ours["device"] == "cpu" else None,
+                        "meets_target_speedup_2x": speedup >= 2.0, "meets_target_mem_0.5x": mem_ratio <= 0.5})
+    return out
+
+
+def print_table(results):
+    gib = 2 ** 30
+    print(f"\n{results['device_name']} | torch {results['torch_version']} | {results['dtype']} | "
+          f"{results['pairs']} pairs x ({results['prompt_len']}+{results['response_len']}) tokens | "
+          f"{results['steps']} timed steps after {results['warmup']}")
+    print(f"{'size':<12}{'impl':<14}{'world':>6}{'tokens/s':>11}{'step ms median [min, max]':>30}"
+          f"{'peak mem GiB':>14}{'(before model)':>16}{'TFLOP/s':>9}{'MFU':>7}")
+    for r in results["rows"]:
+        if r.get("error"):
+            print(f"{r['size']:<12}{r['impl']:<14} failed: {r['error'].strip().splitlines()[-1][:80]}")
+            continue
+        spread = f"{r['step_ms_median']:.0f} [{r['step_ms_min']:.0f}, {r['step_ms_max']:.0f}]"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['size']:<12}{r['impl']:<14}{r['world_size']:>6}{r['tokens_per_s']:>11.1f}{spread:>30}"
+              f"{r['peak_mem_bytes'] / gib:>14.2f}{r['rss_before_model_bytes'] / gib:>16.2f}"
+              f"{r['model_flops_per_s'] / 1e12:>9.3f}{mfu:>7}")
+    for q in results["ratios"]:
+        if "speedup" in q:
+            print(f"{q['size']}: ours vs transformers: speedup {q['speedup']:.2f}x (target >= 2), peak memory "
+                  f"{q['mem_ratio']:.2f}x (target <= 0.5)")
+        else:
+            print(f"{q['size']}: world {q['world_size']} vs 1: per-rank params+grads+optimizer "
+                  f"{q['train_state_bytes_vs_world1']:.3f}x (target <= 0.55), step time {q['step_ms_vs_world1']:.2f}x")
+    if results["fsdp_memory"]:
+        print(f"{'size':<12}{'world':>6}{'rank':>5}{'params MiB':>12}{'grads MiB':>11}{'optim MiB':>11}"
+              f"{'ref MiB':>10}{'step ms':>10}")
+        for r in results["rows"]:
+            for rank, pr in enumerate(r.get("per_rank", [])):
+                print(f"{r['size']:<12}{r['world_size']:>6}{rank:>5}{pr['param_bytes'] / 2**20:>12.1f}"
+                      f"{pr['grad_bytes'] / 2**20:>11.1f}{pr['optimizer_bytes'] / 2**20:>11.1f}"
+                      f"{pr['reference_param_bytes'] / 2**20:>10.1f}{pr['step_ms_median']:>10.0f}")
+
+
+def write_results(args, rows):
+    try:
+        from transformers import __version__ as transformers_version
+    except ImportError:  # ours alone needs no transformers
+        transformers_version = None
+    ok = [r for r in rows if not r.get("error")]
+    peaks = [r["matmul_peak_flops_per_s"] for r in ok if r.get("matmul_peak_flops_per_s")]
+    bf16_peak = max(peaks) if args.device == "cuda" and peaks else None
+    for r in ok:
+        r["mfu"] = r["model_flops_per_s"] / bf16_peak if bf16_peak else None
+    name = ok[0]["device_name"] if ok else args.device
+    results = {"benchmark": "dpo_train_step", "device": args.device, "device_name": name, "dtype": args.dtype,
+               "torch_version": torch.__version__, "transformers_version": transformers_version,
+               "python_version": sys.version.split()[0], "command": " ".join(["python", "bench/throughput.py",
+                                                                                *args.argv]),
+               "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
+               "fsdp_memory": args.fsdp_memory, "pairs": args.pairs, "prompt_len": args.prompt_len,
+               "response_len": args.response_len, "steps": args.steps, "warmup": args.warmup,
+               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
+               "sharding": args.sharding, "seed": args.seed, "peak_bf16_matmul_flops_per_s": bf16_peak,
+               "flop_formula": "policy S*T*(6N+12LTd)+6dVH, reference S*T*(2N+4LTd)+2dVH; H = S*response_len "
+                               "(ours), S*T (transformers); see bench/NOTES.md",
+               "rows": rows}
+    results["ratios"] = ratios(ok, args.fsdp_memory)
+    print_table(results)
+    device_slug = "cpu" if args.device == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    tags = "".join(t for t, on in (("-fsdp_memory", args.fsdp_memory), ("-ac", args.activation_checkpointing),
+                                   ("-compile", args.compile), (f"-world{args.world}", args.world > 1)) if on)
+    date = datetime.date.today().strftime("%Y%m%d")
+    paths = [os.path.join(args.results_dir, f"{device_slug}-{args.dtype}{tags}-{date}.json")]
+    paths += [args.json] if args.json else []
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {path}")
+    return 0 if len(ok) == len(rows) else 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._worker:
+        return run_worker(args)
+    if "RANK" in os.environ:  # under torchrun
+        rows = run_distributed(args)
+        if rows is None:
+            return 0
+        if args._worker_out:  # launched by run_fsdp_worlds
+            with open(args._worker_out, "w") as f:
+                json.dump({"rows": rows}, f)
+            return 0
+        return write_results(args, rows)
+    if args.fsdp_memory:
+        return write_results(args, run_fsdp_worlds(args))
+    return write_results(args, run_in_subprocesses(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

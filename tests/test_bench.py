@@ -1,0 +1,95 @@
+"""bench/throughput.py: the script runs end to end on a tiny shape and writes the fields the README
+promises; its FLOP formula agrees with torch's FLOP counter; FSDP halves the per-rank training state."""
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "bench" / "throughput.py"
+TINY = ["--device=cpu", "--sizes=tiny", "--pairs=2", "--prompt_len=8", "--response_len=4", "--steps=10",
+        "--warmup=1", "--threads=1"]
+ROW_FIELDS = ("size", "impl", "tokens_per_s", "step_ms_median", "step_ms_min", "step_ms_max", "peak_mem_bytes",
+              "rss_before_model_bytes", "mfu", "model_flops_per_step", "loss_first", "loss_last")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(tmp_path, *extra):
+    result = subprocess.run([sys.executable, str(SCRIPT), *TINY, f"--results_dir={tmp_path}",
+                             f"--json={tmp_path / 'out.json'}", *extra],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "out.json") as f:
+        return json.load(f), result.stdout
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_row_field(tmp_path):
+    results, stdout = run_script(tmp_path)
+    assert [(r["size"], r["impl"]) for r in results["rows"]] == [("tiny", "ours"), ("tiny", "transformers")]
+    for row in results["rows"]:
+        assert not row.get("error"), row.get("error")
+        assert all(k in row for k in ROW_FIELDS), [k for k in ROW_FIELDS if k not in row]
+        assert row["mfu"] is None  # CPU: there is no bf16 matmul peak to divide by
+        assert len(row["step_ms_all"]) == 10
+        assert row["step_ms_min"] <= row["step_ms_median"] <= row["step_ms_max"]
+        assert row["tokens_per_step"] == 2 * 2 * (8 + 4)
+        assert math.isclose(row["tokens_per_s"], row["tokens_per_step"] / (row["step_ms_median"] / 1e3), rel_tol=1e-9)
+        assert row["peak_mem_bytes"] > row["rss_before_model_bytes"] > 0
+        # the reference starts equal to the policy, so DPO's first loss is log 2; then it trains
+        assert abs(row["loss_first"] - math.log(2)) < 1e-5 and row["loss_last"] < row["loss_first"]
+    assert results["ratios"][0]["size"] == "tiny" and results["ratios"][0]["speedup"] > 0
+    assert results["device"] == "cpu" and results["torch_version"] == torch.__version__
+    assert "bench/throughput.py" in results["command"]
+    assert len(list(tmp_path.glob("cpu-fp32-*.json"))) == 1  # the dated results file, in --results_dir
+    assert "speedup" in stdout
+
+
+@pytest.mark.parametrize("impl", ["ours", "transformers"])
+def test_flop_formula_matches_torch_flop_counter(impl):
+    """The math SDPA backend runs attention as matmuls, so the counter sees every matmul of the step;
+    the formula also counts biases and layer norms (2 FLOPs per parameter per token): ~0.2% more."""
+    bench = load_bench()
+    args = bench.parse_args(TINY)
+    cpu = torch.device("cpu")
+    if impl == "ours":
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        build = bench.build_ours(args, "tiny", 0, cpu, None) if impl == "ours" else bench.build_transformers(
+            args, "tiny", cpu)
+        step, batch = build[0], bench.make_batch(args, seed=0)
+        step(batch)  # the first step creates AdamW's state
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            step(batch)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    formula = bench.step_flops(bench.SIZES["tiny"], impl, n_seqs=4, seq_len=12, response_len=4)
+    assert counter.get_total_flops() <= formula <= 1.01 * counter.get_total_flops()
+
+
+@pytest.mark.slow
+def test_fsdp_memory_two_ranks_hold_half_the_training_state(tmp_path):
+    results, _ = run_script(tmp_path, "--fsdp_memory", "--world_sizes=1,2", "--impls=ours")
+    rows = {r["world_size"]: r for r in results["rows"]}
+    assert len(rows[2]["per_rank"]) == 2 and rows[1]["sharding"] == rows[2]["sharding"] == "full"
+    unsharded = rows[1]["unsharded_param_bytes"]
+    assert rows[1]["param_bytes"] == rows[1]["grad_bytes"] == unsharded  # fp32 params and grads
+    for rank in rows[2]["per_rank"]:
+        assert abs(rank["param_bytes"] - unsharded / 2) <= 0.01 * unsharded
+    ratio = results["ratios"][0]["train_state_bytes_vs_world1"]
+    assert 0.45 <= ratio <= 0.55, ratio

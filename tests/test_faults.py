@@ -1,0 +1,254 @@
+"""Faults injected for real — SIGKILL mid-run and mid-save, flipped and truncated bytes, a poisoned
+batch, an unwritable run directory, bad data — and what must survive them."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from data.batches import epoch_order
+from gpt2 import GPT, GPTConfig
+from test_fsdp_train import ENV, TINY, final_weights, train_losses
+
+pytestmark = pytest.mark.slow
+
+LONG_RUN = ["--max_steps=12", "--ckpt_every=2", "--sharding=none"]
+
+
+def command(out_dir, *extra):
+    return [sys.executable, "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra]
+
+
+def run(out_dir, *extra, env=None):
+    return subprocess.run(command(out_dir, *extra), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
+                          timeout=300)
+
+
+def kill_when_logged(process, pattern, target_pid=None):
+    """Read the run's output until `pattern` appears, then SIGKILL target_pid (default: the process)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            os.kill(target_pid() if target_pid else process.pid, signal.SIGKILL)
+            break
+    else:
+        raise AssertionError("the run ended before the fault was injected:\n" + "".join(seen[-20:]))
+    rest, _ = process.communicate(timeout=300)
+    return "".join(seen) + rest
+
+
+def assert_bitwise_equal(a_dir, b_dir):
+    a, b = final_weights(a_dir), final_weights(b_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(a_dir) == train_losses(b_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run(out_dir, *LONG_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir
+
+
+def test_sigkill_mid_training_then_relaunch_finishes_bitwise_equal(uninterrupted, tmp_path):
+    process = subprocess.Popen(command(tmp_path, *LONG_RUN), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    kill_when_logged(process, r"^step 5/12")
+    assert process.returncode == -signal.SIGKILL and not (tmp_path / "final").exists()
+    relaunched = run(tmp_path, *LONG_RUN)
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    assert re.search(r"resumed from .*step_0000(04|06|08|10) at step", relaunched.stdout)
+    # same losses at every step (no pair seen twice or skipped) and the same final weights, bit for bit
+    assert_bitwise_equal(tmp_path, uninterrupted)
+
+
+def worker_pid(torchrun_pid):
+    """A worker process of a torchrun launch (a child running fsdp_train.py)."""
+    for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            if "fsdp_train.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return int(pid)
+    raise AssertionError("no torchrun worker found")
+
+
+def test_killed_rank_of_a_two_rank_run_then_relaunch_finishes_equal(tmp_path):
+    """SIGKILL one of two torchrun workers mid-run; torchrun stops the other; the same command run
+    again resumes and ends on the weights of a two-rank run that was never interrupted."""
+    def launch(out_dir):
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "fsdp_train.py", *TINY, f"--out_dir={out_dir}", "--max_steps=12", "--ckpt_every=2"],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    clean = launch(tmp_path / "clean")
+    output, _ = clean.communicate(timeout=300)
+    assert clean.returncode == 0, output[-3000:]
+    faulty = launch(tmp_path / "faulty")
+    kill_when_logged(faulty, r"^step 5/12", target_pid=lambda: worker_pid(faulty.pid))
+    assert faulty.returncode != 0 and not (tmp_path / "faulty" / "final").exists()
+    relaunched = launch(tmp_path / "faulty")
+    output, _ = relaunched.communicate(timeout=300)
+    assert relaunched.returncode == 0, output[-3000:]
+    assert "resumed from" in output
+    assert_bitwise_equal(tmp_path / "faulty", tmp_path / "clean")
+
+
+def test_kill_during_save_keeps_previous_checkpoint_and_resumes_from_it(uninterrupted, tmp_path):
+    killed = run(tmp_path, *LONG_RUN, env=dict(ENV, GPT2_DPO_FAULT="kill_during_save:4"))
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / ".tmp_step_000004").is_dir()  # the partial save is there...
+    assert not (checkpoints / "step_000004").exists()  # ...but never under a complete name
+    assert (checkpoints / "step_000002" / "train_state.json").exists()
+    relaunched = run(tmp_path, *LONG_RUN)
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    assert "removing incomplete checkpoint" in relaunched.stdout and ".tmp_step_000004" in relaunched.stdout
+    assert "step_000002 at step 2" in relaunched.stdout
+    assert not (checkpoints / ".tmp_step_000004").exists()
+    assert_bitwise_equal(tmp_path, uninterrupted)
+
+
+@pytest.fixture
+def run_with_checkpoints(tmp_path):
+    result = run(tmp_path, "--max_steps=4", "--ckpt_every=2", "--sharding=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path
+
+
+def snapshot(directory):
+    return {p: p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "sha256 differs from the one recorded at save time (corrupted)"),
+    ("truncate", "the checkpoint recorded"),
+])
+def test_damaged_checkpoint_is_named_and_nothing_is_overwritten(run_with_checkpoints, damage, message):
+    out_dir = run_with_checkpoints
+    shard = next((out_dir / "checkpoints" / "step_000004").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    before = snapshot(out_dir)
+    result = run(out_dir, "--max_steps=6", "--ckpt_every=2", "--sharding=none")
+    assert result.returncode != 0
+    assert str(shard) in result.stderr and message in result.stderr
+    assert snapshot(out_dir) == before
+
+
+def test_checkpoint_of_another_model_size_is_refused(run_with_checkpoints):
+    before = snapshot(run_with_checkpoints)
+    result = run(run_with_checkpoints, "--max_steps=6", "--sharding=none", "--n_embd=48")
+    assert result.returncode != 0
+    assert "step_000004: checkpoint does not match this run's config: n_embd: checkpoint 32 vs this run 48" \
+        in result.stderr
+    assert snapshot(run_with_checkpoints) == before
+
+
+def test_truncated_weight_file_is_named(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64)).init_weights(seed=0)
+    model.save_pretrained(tmp_path / "weights")
+    weights = tmp_path / "weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = run(tmp_path / "run", f"--init_from={tmp_path / 'weights'}")
+    assert result.returncode != 0
+    assert f"{weights}: not a readable safetensors file" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+POISONED_POSITION = 30
+
+
+@pytest.fixture
+def poisoned_setup(tmp_path):
+    """A model whose position-30 embedding is NaN, and data where only one pair is long enough to
+    reach position 30: the batch holding that pair is poisoned (its loss is NaN), no other is."""
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)).init_weights(seed=0)
+    with torch.no_grad():
+        model.transformer.wpe.weight[POISONED_POSITION] = float("nan")
+    model.save_pretrained(tmp_path / "weights")
+    lines = [{"prompt": f"Review {i}: the film was", "chosen": " good.", "rejected": " bad."} for i in range(64)]
+    long_index = 37
+    lines[long_index]["prompt"] = " ".join(["word"] * 28) + " and the film was"
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    order = epoch_order(64, seed=0, epoch=0)
+    poisoned_step = order.index(long_index) // 8 + 1  # batch_size 8
+    args = [f"--init_from={tmp_path / 'weights'}", "--dataset=jsonl", f"--data_path={data}", "--eval_fraction=0",
+            "--max_prompt_len=40", "--max_len=48", "--max_steps=8", "--ckpt_every=1", "--sharding=none"]
+    return tmp_path, args, poisoned_step
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(poisoned_setup):
+    tmp_path, args, poisoned_step = poisoned_setup
+    result = run(tmp_path / "run", *args)
+    assert result.returncode == 1
+    assert f"step {poisoned_step}: non-finite loss" in result.stdout
+    assert "37" in result.stdout.split(f"step {poisoned_step}: non-finite loss")[1].split("\n")[0]  # names the pair
+    assert f"stopping at step {poisoned_step}" in result.stderr
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    if poisoned_step > 1:
+        assert checkpoints[-1].name == f"step_{poisoned_step - 1:06d}"
+        state = json.loads((checkpoints[-1] / "train_state.json").read_text())
+        assert state["step"] == poisoned_step - 1
+    else:
+        assert checkpoints == []
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_non_finite_steps_can_be_skipped_up_to_a_bound(poisoned_setup):
+    tmp_path, args, poisoned_step = poisoned_setup
+    result = run(tmp_path / "run", *args, "--max_bad_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {poisoned_step}: non-finite loss" in result.stdout and "the update was not applied" in result.stdout
+    weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    finite_except_poison = {k: v for k, v in weights.items() if k != "transformer.wpe.weight"}
+    assert all(torch.isfinite(v).all() for v in finite_except_poison.values())
+    wpe = weights["transformer.wpe.weight"]
+    assert torch.isfinite(torch.cat([wpe[:POISONED_POSITION], wpe[POISONED_POSITION + 1:]])).all()
+
+
+# ----------------------------------------------------------------------------- refused before training
+
+def test_unwritable_run_directory_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    result = run(blocker / "run")
+    assert result.returncode == 2
+    assert "is not writable" in result.stderr and str(blocker / "run") in result.stderr
+
+
+def test_bad_data_is_refused_before_anything_is_written(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n' * 2 + '{"prompt": "a", "chosen": \n')
+    result = run(tmp_path / "run", "--dataset=jsonl", f"--data_path={data}")
+    assert result.returncode == 2
+    assert str(data) in result.stderr and "line 3" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_nothing_is_unpickled_or_executed_from_files():
+    """Weights are safetensors, configs yaml.safe_load, torch.load only with weights_only=True."""
+    sources = [p for p in ROOT.rglob("*.py") if "tests" not in p.parts]
+    assert len(sources) >= 8
+    for path in sources:
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        assert "import pickle" not in text and "pickle.load" not in text, path
+        assert "yaml.load(" not in text and "yaml.unsafe_load" not in text, path
+        assert "trust_remote_code" not in text, path
