@@ -498,6 +498,9 @@ def main(argv=None):
             "step": step, "loss_scale": scaler.scale, "epoch": step // steps_per_epoch,
             "pairs_seen": step * cfg.batch_size, "identity": identity}, cfg.keep_checkpoints, rank)
 
+    if step == 0 and eval_pairs:  # the starting point of the eval curves (rewards are all 0 here)
+        line = record(evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, world, device, step))
+        log("eval | " + " | ".join(f"{k[5:]} {v:.4f}" for k, v in line.items() if k != "step"))
     log(f"training: {last_step - step} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
     t_start, step_start, window_tokens, t_window = time.time(), step, 0, time.time()
     while step < last_step:

@@ -147,6 +147,7 @@ def test_demo_config_learns(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "metrics.jsonl") as f:
         evals = [json.loads(line) for line in f if "eval/rewards/accuracies" in line]
+    assert evals[0]["step"] == 0 and evals[0]["eval/rewards/accuracies"] == 0.0
     assert evals[-1]["eval/rewards/accuracies"] >= 0.9
     assert evals[-1]["eval/rewards/margins"] > 1.0
     assert "final eval" in result.stdout and "| Prompt |" in result.stdout

@@ -1,0 +1,51 @@
+"""Draw the metrics.jsonl of one or more runs as one PNG (needs matplotlib: pip install matplotlib).
+
+    python plot_metrics.py out/demo out/gpt2-sentiment --metrics loss,rewards/accuracies --out curves.png
+"""
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_METRICS = "loss,rewards/accuracies,rewards/margins,eval/rewards/accuracies,eval/kl"
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: not found; pass run directories (the out_dir of fsdp_train.py)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
+    parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated names (default {DEFAULT_METRICS})")
+    parser.add_argument("--out", default="metrics.png", help="PNG to write (default metrics.png)")
+    args = parser.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: plot_metrics.py needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
+    names = [m for m in args.metrics.split(",") if m]
+    runs = {run: read_metrics(run) for run in args.runs}
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), squeeze=False, sharex=True)
+    for ax, name in zip(axes[:, 0], names):
+        for run, lines in runs.items():
+            points = [(line["step"], line[name]) for line in lines if name in line]
+            if points:
+                ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=run)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
