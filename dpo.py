@@ -55,7 +55,7 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
 
     input_ids: (B, T) prompt + response (+ right padding); response_mask: (B, T) bool, True at the
     response tokens being scored. The token at t is predicted by the logits at t - 1, so the LM head
-    runs only at positions t - 1 for response tokens t (the model's logits_mask): at 64 + 24 tokens
+    runs only at positions t - 1 for response tokens t (the model's logits_at): at 64 + 24 tokens
     that is 24 of 88 rows of the largest matmul, and the (rows, 50257) logits are all that is kept.
     average=True divides by the number of response tokens (IPO's length-normalised log-probs).
     attention_mask: None for right-padded batches (plain causal attention is exact there).
@@ -65,7 +65,7 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
                          "every sequence needs at least one prompt token")
     head_mask = torch.zeros_like(response_mask)
     head_mask[:, :-1] = response_mask[:, 1:]  # (B, T): positions whose logits predict a response token
-    logits = model(input_ids, attention_mask=attention_mask, logits_mask=head_mask)  # (N, V)
+    logits = model(input_ids, attention_mask=attention_mask, logits_at=head_mask)  # (N, V)
     targets = input_ids[:, 1:][response_mask[:, 1:]]  # (N,), same row-major order as the packed logits
     per_token = token_logps(logits, targets)  # (N,)
     row_of_token = torch.arange(input_ids.size(0), device=input_ids.device)[:, None].expand_as(head_mask)[head_mask]
@@ -76,10 +76,26 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
     return logps
 
 
+def shared_prompt_logps(model, batch, average=False):
+    """(2B,) chosen-then-rejected log-probs from a batch of collate_pairs_shared_prompt: one packed
+    row per pair, [prompt | chosen | rejected], with the prompt computed once for both."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   logits_at=batch["predictor_index"])  # (N, V)
+    per_token = token_logps(logits, batch["target_ids"])  # (N,)
+    n_segments = batch["response_lengths"].size(0)
+    logps = torch.zeros(n_segments, dtype=torch.float32, device=per_token.device)
+    logps = logps.index_add(0, batch["target_segment"], per_token)  # (2B,)
+    return logps / batch["response_lengths"] if average else logps
+
+
 def concatenated_logps(model, batch, average=False):
-    """Chosen and rejected log-probs from ONE forward pass over the 2B rows of a collated batch
-    (rows 0..B-1 chosen, B..2B-1 rejected): one all-gather of each FSDP unit instead of two."""
-    logps = response_logps(model, batch["input_ids"], batch["response_mask"], average=average)
+    """Chosen and rejected log-probs, (B,) each, from ONE forward pass: one all-gather of each FSDP
+    unit instead of two. The batch is either collate_pairs' 2B rows (0..B-1 chosen, B..2B-1
+    rejected) or collate_pairs_shared_prompt's B packed rows (the prompt runs once)."""
+    if "predictor_index" in batch:
+        logps = shared_prompt_logps(model, batch, average=average)
+    else:
+        logps = response_logps(model, batch["input_ids"], batch["response_mask"], average=average)
     n_pairs = logps.size(0) // 2
     return logps[:n_pairs], logps[n_pairs:]
 

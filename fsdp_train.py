@@ -26,7 +26,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from data.batches import collate_pairs, epoch_order, pairs_of, rank_slice, split_groups, truncate_groups
+from data.batches import (collate_pairs, collate_pairs_shared_prompt, epoch_order, pairs_of, rank_slice,
+                          split_groups, truncate_groups)
 from data.formats import load_preferences
 from data.tokenizer import EOT_ID, decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
@@ -204,8 +205,8 @@ def logps_average(cfg):
 
 
 def batch_loss(policy, reference, batch, cfg, reference_logps=None):
-    """Mean loss and metrics of one micro-batch (collate_pairs output, plus "index" for the
-    precomputed reference). One forward over chosen+rejected for the policy, one for the reference."""
+    """Mean loss and metrics of one micro-batch (collate() output, plus "index" for the precomputed
+    reference). One forward over chosen+rejected for the policy, one for the reference."""
     average = logps_average(cfg)
     if cfg.objective == "sft":  # negative log-likelihood per chosen-response token
         n_pairs = batch["input_ids"].size(0) // 2
@@ -226,6 +227,14 @@ def batch_loss(policy, reference, batch, cfg, reference_logps=None):
         loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free)
     metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
     return losses.mean(), metrics
+
+
+def collate(pairs, cfg):
+    """Pairs -> the tensors of one forward: packed rows with a shared prompt for DPO (unless
+    prefix_sharing is off), separate chosen and rejected rows for SFT, which reads only the chosen."""
+    if cfg.prefix_sharing and cfg.objective == "dpo":
+        return collate_pairs_shared_prompt(pairs)
+    return collate_pairs(pairs)
 
 
 def to_device(batch, device):
@@ -277,7 +286,7 @@ def map_pairs(pairs, fn, cfg, rank, world, device):
     outputs = []
     for start in range(0, per_rank, cfg.micro_batch_size):
         chunk = indices[start:start + cfg.micro_batch_size]
-        batch = to_device(collate_pairs([pairs[i] for i in chunk]), device)
+        batch = to_device(collate([pairs[i] for i in chunk], cfg), device)
         outputs.append(fn(batch).float())
     local = torch.cat(outputs)
     gathered = [torch.empty_like(local) for _ in range(world)]
@@ -511,9 +520,11 @@ def main(argv=None):
         micro_batches = []
         for start in range(0, len(local), cfg.micro_batch_size):
             indices = local[start:start + cfg.micro_batch_size]
-            batch = collate_pairs([train_pairs[i] for i in indices])
+            pairs = [train_pairs[i] for i in indices]
+            batch = collate(pairs, cfg)
             batch["index"] = torch.tensor(indices)
-            window_tokens += int(batch["attention_mask"].sum())  # this rank's prompt+response tokens
+            # tokens of the chosen and the rejected sequence, counted as if run separately
+            window_tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
             micro_batches.append(to_device(batch, device))
         metrics, grad_norm, applied = train_step(policy, reference, optimizer, micro_batches, cfg,
                                                  lr_at(step, total_steps, cfg), scaler, reference_logps)

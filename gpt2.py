@@ -201,7 +201,7 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
-                logits_mask=None, return_hidden=False):
+                logits_at=None, return_hidden=False):
         """Logits for a batch of token ids.
 
         input_ids: (B, T) long.
@@ -211,10 +211,11 @@ class GPT(nn.Module):
             bool mask (B, T, S) / (B, 1, T, S), True where a query may attend to a key.
         position_ids: (B, T); by default counted from each row's first real token when a (B, S)
             attention_mask is given (as transformers' generate does), else 0..T-1 (+ cached).
-        logits_mask: optional bool (B, T). The LM head (n_embd x 50257) is the largest matmul at
-            DPO's lengths, and most positions are prompt tokens whose logits are never used: with
-            this, logits are computed only where the mask is True and returned packed, (N, vocab),
-            in row-major order.
+        logits_at: optional bool mask (B, T), or long (N,) indices into the B*T flattened positions
+            (repeats allowed). The LM head (n_embd x 50257) is the largest matmul at DPO's lengths,
+            and most positions are prompt tokens whose logits are never used: with this, logits are
+            computed only at those positions and returned packed, (N, vocab), in mask (row-major) or
+            index order.
         return_hidden: return the final hidden states (B, T, n_embd) after ln_f instead of logits.
         """
         B, T = input_ids.shape
@@ -240,8 +241,10 @@ class GPT(nn.Module):
             kv_cache.length += T
         if return_hidden:
             return x
-        if logits_mask is not None:
-            x = x[logits_mask]  # (N, C)
+        if logits_at is not None and logits_at.dtype == torch.bool:
+            x = x[logits_at]  # (N, C)
+        elif logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]  # (N, C)
         return self.lm_head(x)  # (B, T, V) or (N, V)
 
     # ------------------------------------------------------------------------- sampling

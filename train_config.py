@@ -74,6 +74,9 @@ class TrainConfig:
                            "nodes (HSDP); none: no FSDP (one process only)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)")
     compile: bool = option(False, "torch.compile each transformer block")
+    prefix_sharing: bool = option(True, "DPO: run each pair's prompt once, as one packed row [prompt | chosen | "
+                                  "rejected] whose attention mask keeps the two responses apart (same log-probs, "
+                                  "fewer tokens: 112 instead of 176 at 64 + 24)")
     # --- evaluation, samples, logging, checkpoints
     eval_every: int = option(100, "evaluate on the held-out pairs every N steps (and at the end; 0 = end only)")
     kl_samples: int = option(16, "held-out prompts sampled to estimate KL(policy || reference) at each eval")

@@ -107,3 +107,54 @@ def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Te
         attention_mask[row, :n_total] = True
         response_mask[row, n_prompt:n_total] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+
+def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Tensor]:
+    """Pairs to ONE packed row each, [prompt | chosen | rejected], so the prompt runs once.
+
+    A pair of 64 + 24 + 24 tokens is 112 positions instead of the 176 of two separate rows. The
+    attention mask lets every token see what it would see alone after the prompt: the prompt and
+    its own response, causally, never the sibling response; positions restart after the prompt for
+    each response, so the rejected tokens are at the positions they would have on their own.
+
+    Returns, for B pairs packed into (B, L):
+      input_ids (B, L) long, right-padded; position_ids (B, L) long;
+      attention_mask (B, L, L) bool, True where a query may attend to a key;
+      target_ids (N,) the response tokens, each pair's chosen then rejected ones;
+      predictor_index (N,) flat index into B*L of the position whose logits predict each target
+        (the first chosen AND the first rejected token are both predicted by the prompt's last token);
+      target_segment (N,) in 0..2B-1: b for pair b's chosen tokens, B + b for its rejected ones;
+      response_lengths (2B,) chosen lengths then rejected lengths.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs_shared_prompt: got no pairs; a batch needs at least one")
+    B = len(pairs)
+    L = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    segment = torch.full((B, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
+    targets, predictors, target_segments = [], [], []
+    for b, pair in enumerate(pairs):
+        P, C, R = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+        if P == 0:
+            raise ValueError("collate_pairs_shared_prompt: a pair has an empty prompt; the first response token "
+                             "needs a prompt token to be predicted from")
+        input_ids[b, :P + C + R] = torch.tensor(pair.prompt + pair.chosen + pair.rejected, dtype=torch.long)
+        position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
+        row = b * L
+        targets += pair.chosen + pair.rejected
+        predictors += [row + P - 1 + i for i in range(C)]  # chosen token i is predicted by position P-1+i
+        predictors += [row + P - 1] + [row + P + C + i for i in range(R - 1)]  # rejected: prompt end, then itself
+        target_segments += [b] * C + [B + b] * R
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    sees_sibling = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)  # rejected query, chosen key
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": causal & ~sees_sibling,  # (B, L, L)
+        "target_ids": torch.tensor(targets, dtype=torch.long),
+        "predictor_index": torch.tensor(predictors, dtype=torch.long),
+        "target_segment": torch.tensor(target_segments, dtype=torch.long),
+        "response_lengths": torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]),
+    }

@@ -374,3 +374,42 @@ def test_logps_memory_does_not_grow_with_vocab_times_prompt_length(hf_and_ours):
     assert naive_bytes(96) - naive_bytes(8) >= vocab_rows_added  # the effect being avoided is real
     assert ours_bytes(96) - ours_bytes(8) < 0.05 * vocab_rows_added
     ours.zero_grad(set_to_none=True)
+
+
+def test_shared_prompt_packing_gives_the_same_logps_as_separate_sequences(hf_and_ours):
+    """One packed row [prompt | chosen | rejected] per pair against transformers run on each
+    prompt+response sequence alone (prompts and responses of different lengths in one batch)."""
+    from data.batches import Pair, collate_pairs_shared_prompt
+    hf, ours = hf_and_ours
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(5, 3, 6), (9, 7, 2), (1, 4, 4)]  # (prompt, chosen, rejected) lengths
+    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i)
+             for i, shape in enumerate(shapes)]
+    batch = collate_pairs_shared_prompt(pairs)
+    assert batch["input_ids"].shape == (3, 18)  # 9 + 7 + 2, not two rows of 16 and 11
+    with torch.no_grad():
+        chosen, rejected = concatenated_logps(ours, batch)
+        chosen_mean, _ = concatenated_logps(ours, batch, average=True)
+    for i, pair in enumerate(pairs):
+        for response, got in ((pair.chosen, chosen[i]), (pair.rejected, rejected[i])):
+            ids = torch.tensor([pair.prompt + response])
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[0, len(pair.prompt):] = True
+            expected = reference_logps_from_transformers(hf, ids, torch.ones_like(mask), mask)
+            assert torch.allclose(got.double(), expected[0], rtol=1e-5, atol=0)
+        assert torch.allclose(chosen_mean[i], chosen[i] / len(pair.chosen))
+
+
+def test_shared_prompt_gradients_equal_the_plain_path(hf_and_ours):
+    from data.batches import Pair, collate_pairs, collate_pairs_shared_prompt
+    _, ours = hf_and_ours
+    gen = torch.Generator().manual_seed(8)
+    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i)
+             for i, shape in enumerate([(6, 4, 5), (3, 8, 1)])]
+    grads = []
+    for batch in (collate_pairs(pairs), collate_pairs_shared_prompt(pairs)):
+        chosen, rejected = concatenated_logps(ours, batch)
+        (chosen - 2 * rejected).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
+        ours.zero_grad(set_to_none=True)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -111,16 +111,20 @@ def test_padded_batches_match_transformers_on_real_tokens(small_pair, side):
         assert torch.isfinite(ours(input_ids, attention_mask=mask)).all()
 
 
-def test_logits_mask_gives_packed_logits_at_chosen_positions(small_pair):
+def test_logits_at_gives_logits_only_at_chosen_positions(small_pair):
     hf, ours, _ = small_pair
     input_ids, mask = padded_batch("right")
     chosen = mask.bool() & (torch.arange(input_ids.size(1)) % 3 == 0)
     with torch.no_grad():
-        packed = ours(input_ids, logits_mask=chosen)
+        packed = ours(input_ids, logits_at=chosen)
         ref = hf(input_ids).logits[chosen]
         hidden = ours(input_ids, return_hidden=True)
+        flat_index = torch.tensor([5, 0, 5, 13])  # (row 0, pos 5), (0, 0), again, (row 1, pos 1)
+        indexed = ours(input_ids, logits_at=flat_index)
     assert packed.shape == (int(chosen.sum()), 50257)
     assert relative_error(packed, ref) <= TOL
+    ref_indexed = hf(input_ids).logits[[0, 0, 0, 1], [5, 0, 5, 1]]
+    assert relative_error(indexed, ref_indexed) <= TOL
     assert hidden.shape == (*input_ids.shape, 64)
 
 
