@@ -26,11 +26,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from safetensors.torch import load_file, save_file
 
 import checkpoint
-from data.batches import (collate_pairs, collate_pairs_shared_prompt, epoch_order, pairs_of, rank_slice,
-                          split_groups, truncate_groups)
+from data.batches import epoch_order, pairs_of, rank_slice, split_groups, truncate_groups
 from data.formats import load_preferences
-from data.tokenizer import EOT_ID, decode
+from data.tokenizer import decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
+from evaluation import collate, evaluate, logps_average, map_pairs, pair_logps, sample_texts, samples_table, to_device
 from gpt2 import GPT, GPTConfig, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir, write_hf_checkpoint
 from train_config import ConfigError, TrainConfig, dump_config, parse_args
 
@@ -121,7 +121,9 @@ def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
         model.transformer.h[i] = block
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    # FSDP keeps the root's parameters (wte, wpe, ln_f) gathered after forward, since backward needs
+    # them next. The frozen reference has no backward: reshard them, or they stay whole on every rank.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, **({} if trainable else {"reshard_after_forward": True}))
     return model
 
 
@@ -167,8 +169,8 @@ def make_optimizer(model, cfg, device):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             fused=device.type == "cuda")
+    # fused: one kernel over all tensors, without the foreach path's per-step temporaries (CPU and CUDA)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
 
 def lr_at(step, total_steps, cfg):
@@ -200,10 +202,6 @@ class LossScaler:
 
 # ----------------------------------------------------------------------------- the training step
 
-def logps_average(cfg):
-    return cfg.logps == "mean" or (cfg.logps == "auto" and cfg.loss_type == "ipo")
-
-
 def batch_loss(policy, reference, batch, cfg, reference_logps=None):
     """Mean loss and metrics of one micro-batch (collate() output, plus "index" for the precomputed
     reference). One forward over chosen+rejected for the policy, one for the reference."""
@@ -227,18 +225,6 @@ def batch_loss(policy, reference, batch, cfg, reference_logps=None):
         loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free)
     metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
     return losses.mean(), metrics
-
-
-def collate(pairs, cfg):
-    """Pairs -> the tensors of one forward: packed rows with a shared prompt for DPO (unless
-    prefix_sharing is off), separate chosen and rejected rows for SFT, which reads only the chosen."""
-    if cfg.prefix_sharing and cfg.objective == "dpo":
-        return collate_pairs_shared_prompt(pairs)
-    return collate_pairs(pairs)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, reference_logps=None):
@@ -272,94 +258,6 @@ def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, ref
     optimizer.zero_grad(set_to_none=True)
     scaler.update(finite)
     return summed, grad_norm, finite
-
-
-# ----------------------------------------------------------------------------- evaluation and samples
-
-def map_pairs(pairs, fn, cfg, rank, world, device):
-    """fn(batch) -> (B, k) tensor, over all pairs split across ranks; (len(pairs), k) on every rank
-    in the original order. Every rank runs the same number of forward passes (FSDP needs that):
-    short ranks repeat pair 0 and drop the result."""
-    per_rank = math.ceil(len(pairs) / world)
-    indices = list(range(rank * per_rank, min(len(pairs), (rank + 1) * per_rank)))
-    indices += [0] * (per_rank - len(indices))
-    outputs = []
-    for start in range(0, per_rank, cfg.micro_batch_size):
-        chunk = indices[start:start + cfg.micro_batch_size]
-        batch = to_device(collate([pairs[i] for i in chunk], cfg), device)
-        outputs.append(fn(batch).float())
-    local = torch.cat(outputs)
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    return torch.cat(gathered)[:len(pairs)]
-
-
-@torch.no_grad()
-def pair_logps(model, cfg):
-    return lambda batch: torch.stack(concatenated_logps(model, batch, average=logps_average(cfg)), dim=-1)
-
-
-def left_padded_prompts(prompts, device):
-    T = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[EOT_ID] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
-    return input_ids, mask
-
-
-@torch.no_grad()
-def sample(model, prompts, cfg, device, seed):
-    """Continuations of prompts (identical on every rank: same inputs, same seed) -> (tokens, masks)."""
-    input_ids, mask = left_padded_prompts(prompts, device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, generator=generator, stop_early=False)
-    new = tokens[:, input_ids.size(1):]
-    after_eos = (new == EOT_ID).long().cumsum(-1) - (new == EOT_ID).long() > 0  # tokens after the first EOT
-    response_mask = torch.cat([torch.zeros_like(mask), ~after_eos], dim=1)
-    return tokens, torch.cat([mask, ~after_eos], dim=1), response_mask
-
-
-@torch.no_grad()
-def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, world, device, step):
-    policy.eval()
-    metrics = {}
-    if eval_pairs:
-        policy_logps = map_pairs(eval_pairs, pair_logps(policy, cfg), cfg, rank, world, device)  # (N, 2)
-        if cfg.objective == "sft" or cfg.reference_free:
-            reference_logps = torch.zeros_like(policy_logps)
-        elif reference_eval_logps is not None:
-            reference_logps = reference_eval_logps
-        else:
-            reference_logps = map_pairs(eval_pairs, pair_logps(reference, cfg), cfg, rank, world, device)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            *policy_logps.unbind(-1), *reference_logps.unbind(-1), beta=cfg.beta,
-            loss_type="sigmoid" if cfg.objective == "sft" else cfg.loss_type,
-            label_smoothing=0.0 if cfg.objective == "sft" else cfg.label_smoothing)
-        metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, *policy_logps.unbind(-1))
-    if reference is not None and cfg.kl_samples > 0 and eval_pairs:
-        # KL(policy || reference) = E_{y ~ policy}[log policy(y|x) - log reference(y|x)], one sample per prompt
-        prompts = [p.prompt for p in eval_pairs[:cfg.kl_samples]]
-        tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step)
-        log_ratio = (response_logps(policy, tokens, response_mask, attention_mask)
-                     - response_logps(reference, tokens, response_mask, attention_mask))
-        metrics["kl"] = log_ratio.mean()
-    policy.train()
-    return {f"eval/{k}": v for k, v in metrics.items()}
-
-
-def samples_table(prompts, before, after):
-    rows = ["| Prompt | Before training (reference) | After training (policy) |", "| --- | --- | --- |"]
-    cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
-    for prompt, b, a in zip(prompts, before, after):
-        rows.append(f"| {cell(prompt)} | {cell(b)} | {cell(a)} |")
-    return "\n".join(rows) + "\n"
-
-
-def sample_texts(model, prompts, cfg, device):
-    model.eval()
-    tokens, _, response_mask = sample(model, prompts, cfg, device, seed=cfg.seed)
-    model.train()
-    return [decode(row[m].tolist()).split("<|endoftext|>")[0] for row, m in zip(tokens.cpu(), response_mask.cpu())]
 
 
 # ----------------------------------------------------------------------------- run directory
