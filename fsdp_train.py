@@ -78,6 +78,9 @@ def setup_distributed(cfg: TrainConfig):
     world = dist.get_world_size()
     if cfg.sharding == "none" and world > 1:
         raise ConfigError(f"sharding=none runs without FSDP and needs one process, got world size {world}")
+    if cfg.sharding == "none" and cfg.precision != "fp32":
+        raise ConfigError(f"sharding=none trains in fp32 only: mixed precision ({cfg.precision}) comes from FSDP's "
+                          "MixedPrecisionPolicy. Use sharding=full, which also runs as one process")
     mesh = None
     if cfg.sharding == "hybrid":  # (replicate across nodes, shard within a node)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -108,8 +111,6 @@ def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool
     and reduces gradients in fp32 while compute runs in bf16/fp16. A frozen reference is stored
     directly in the compute dtype instead (it has no master weights to keep).
     """
-    if mesh is None:  # sharding=none: a plain module (the single-process baseline of the tests)
-        return model
     if trainable and param_dtype != torch.float32:
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     else:
@@ -119,8 +120,11 @@ def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool
             block = checkpoint_wrapper(block, preserve_rng_state=False)  # non-reentrant; no dropout, no RNG
         if cfg.compile:
             block.compile()
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        if mesh is not None:  # sharding=none: a plain module (the single-process baseline of the tests)
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
         model.transformer.h[i] = block
+    if mesh is None:
+        return model
     # FSDP keeps the root's parameters (wte, wpe, ln_f) gathered after forward, since backward needs
     # them next. The frozen reference has no backward: reshard them, or they stay whole on every rank.
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, **({} if trainable else {"reshard_after_forward": True}))
@@ -149,22 +153,23 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
 
 def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
     compute_dtype = DTYPES[cfg.precision]
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory until the weights arrive
         model = GPT(config)
     if not trainable:
         model = model.to(compute_dtype).requires_grad_(False)
+    if mesh is None:  # one process, no FSDP: load, then wrap (checkpointing renames the blocks' keys)
+        model.to_empty(device=device)
+        model.load_state_dict(state_dict)
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them; tie again
+        return parallelize(model, cfg, mesh, compute_dtype, trainable).train(trainable)
     model = parallelize(model, cfg, mesh, compute_dtype, trainable)
     model.to_empty(device=device)
-    if mesh is None:
-        model.load_state_dict(state_dict)
-        model.lm_head.weight = model.transformer.wte.weight  # load_state_dict copies; the tie survives, but be explicit
-    else:
-        set_model_state_dict(model, dict(state_dict) if dist.get_rank() == 0 else {},  # it rewrites the dict it gets
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, dict(state_dict) if dist.get_rank() == 0 else {},  # it rewrites the dict it gets
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model.train(trainable)
 
 
-def make_optimizer(model, cfg, device):
+def make_optimizer(model, cfg):
     """AdamW; weight decay only on >= 2-D weights (matrices and embeddings), not biases or norms."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -337,7 +342,7 @@ def main(argv=None):
     needs_reference = cfg.objective == "dpo" and not cfg.reference_free
     reference = build_model(config, full_state, cfg, mesh, device, trainable=False) if needs_reference else None
     del full_state
-    optimizer = make_optimizer(policy, cfg, device)
+    optimizer = make_optimizer(policy, cfg)
     scaler = LossScaler(enabled=cfg.precision == "fp16")
     log(f"model: {policy.num_params() / 1e6:.1f}M parameters, {world} rank(s), sharding={cfg.sharding}, "
         f"precision={cfg.precision}, device={device.type}")

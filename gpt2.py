@@ -97,19 +97,25 @@ ACTIVATIONS = {
 # ----------------------------------------------------------------------------- model
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to max_len."""
+    """Keys and values of every layer for incremental decoding, preallocated to max_len.
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, dtype, device):
-        head_dim = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+    Each layer's buffers are allocated at its first update, in the dtype its keys come in: under
+    mixed precision that is the compute dtype (bf16), not the fp32 of the stored weights.
+    """
+
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.keys, self.values = [None] * n_layer, [None] * n_layer
         self.length = 0  # positions filled so far; advanced by GPT.forward after all layers ran
 
     def update(self, layer_idx: int, k, v):
         end = self.length + k.size(2)
-        if end > self.keys[layer_idx].size(2):
-            raise ValueError(f"KV cache holds {self.keys[layer_idx].size(2)} positions, asked for {end}")
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        if self.keys[layer_idx] is None:
+            B, H, _, D = k.shape
+            self.keys[layer_idx] = k.new_zeros(B, H, self.max_len, D)
+            self.values[layer_idx] = v.new_zeros(B, H, self.max_len, D)
         self.keys[layer_idx][:, :, self.length:end] = k
         self.values[layer_idx][:, :, self.length:end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
@@ -269,10 +275,7 @@ class GPT(nn.Module):
         device = input_ids.device
         token_mask = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
                       else attention_mask.bool())
-        kv_cache = None
-        if use_cache:
-            dtype = self.transformer.wte.weight.dtype
-            kv_cache = KVCache(self.config, B, T + max_new_tokens, dtype, device)
+        kv_cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
         tokens, step_input = input_ids, input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):

@@ -9,26 +9,30 @@
 One step = policy forward + backward on chosen and rejected, reference forward, gradient clipping,
 AdamW step. "ours" calls the trainer's own functions (initial_weights, build_model, make_optimizer,
 train_step); "transformers" is the same DPO step written the straightforward way with
-GPT2LMHeadModel. Both see the same collated batch, random init at the real shapes, no download.
+GPT2LMHeadModel. Both get the same pairs (ours in the layout its trainer uses), random init at the
+real shapes, no download.
 As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory.
 
-FLOPs per step (model FLOPs: recomputation from activation checkpointing is not counted), with
-S = 2 * pairs sequences of T = prompt_len + response_len tokens, L layers, width d, vocab V,
-N = parameters of the blocks and ln_f (all that multiplies every token; embeddings are lookups),
-H = LM-head rows: S * response_len for ours (logits only where a response token is predicted),
-S * T for transformers (logits at every position):
+FLOPs per step (model FLOPs: recomputation from activation checkpointing is not counted), for
+S rows of T positions as the model runs them, L layers, width d, vocab V, N = parameters of the
+blocks and ln_f (all that multiplies every position; embeddings are lookups), H = LM-head rows:
     policy    = S*T * (6*N + 12*L*T*d) + 6*d*V*H     forward + backward
     reference = S*T * (2*N +  4*L*T*d) + 2*d*V*H     forward only
     step      = policy + reference
-4*L*T*d per token is attention's QK^T and AV over all T keys (the PaLM convention: no discount
-for the causal mask). MFU = step FLOPs / step time / the bf16 matmul rate measured in the same
-run (CUDA only; null on CPU). See bench/NOTES.md.
+4*L*T*d per position is attention's QK^T and AV over all T keys of its row (the PaLM convention:
+no discount for the causal mask). With P = prompt_len, R = response_len, B = pairs:
+    transformers                 S = 2B, T = P + R,  H = 2B * (P + R)   (logits at every position)
+    ours, separate rows          S = 2B, T = P + R,  H = 2B * R         (logits only where used)
+    ours, prefix sharing         S = B,  T = P + 2R, H = 2B * R         (the prompt runs once)
+MFU = step FLOPs / step time / the bf16 matmul rate measured in the same run (CUDA only; null on
+CPU). tokens/s always counts 2B * (P + R) tokens per step, however they are laid out. See
+bench/NOTES.md.
 """
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import gc
+import hashlib
 import json
 import os
 import re
@@ -46,11 +50,26 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import evaluation  # noqa: E402
 import fsdp_train  # noqa: E402
 from data.batches import Pair, collate_pairs  # noqa: E402
 from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 
+
+def sources_sha1():
+    """A fingerprint of the project's code (*.py at the top and in data/), read right after importing
+    it. It may be edited while a long benchmark runs; rows measured on different code must not be
+    compared, and a results file says which code it measured."""
+    digest = hashlib.sha1()
+    for folder in (ROOT, os.path.join(ROOT, "data")):
+        for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:12]
+
+
+SOURCES_SHA1 = sources_sha1()
 # The four GPT-2 shapes, plus a tiny one for smoke tests (full vocab, so the LM head is still real).
 SIZES = {name: GPTConfig.from_name(name) for name in PRESETS} | {"tiny": GPTConfig(n_layer=2, n_head=2, n_embd=64)}
 IMPLS = ("ours", "transformers")
@@ -69,6 +88,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps (at least 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, kernels, compile)")
+    p.add_argument("--prefix_sharing", choices=("on", "off"), default="on" if TrainConfig().prefix_sharing else "off",
+                   help="ours: the trainer's prefix_sharing (one packed row per pair); default: the trainer's")
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="ours: per block, as the trainer; transformers: whole model")
     p.add_argument("--impls", default="ours,transformers")
@@ -90,6 +111,7 @@ def parse_args(argv=None):
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.sizes = args.sizes.split(",")
     args.impls = args.impls.split(",")
+    args.prefix_sharing = args.prefix_sharing == "on"
     if unknown := [s for s in args.sizes if s not in SIZES]:
         p.error(f"--sizes: unknown {unknown}; choose from {list(SIZES)}")
     if unknown := [i for i in args.impls if i not in IMPLS]:
@@ -106,9 +128,7 @@ def parse_args(argv=None):
         p.error("--device cuda but torch.cuda.is_available() is False")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.world > 1 and "transformers" in args.impls:  # it has no sharded variant here
-        if os.environ.get("RANK") == "0":
-            print("under torchrun only ours is timed (FSDP); transformers runs as a plain python", file=sys.stderr)
+    if args.world > 1:  # transformers has no sharded variant here
         args.impls = [i for i in args.impls if i != "transformers"]
     if args.world > 1 and args.sharding == "none":
         p.error("--sharding none is one process only; under torchrun ours runs with FSDP (full)")
@@ -127,10 +147,13 @@ def set_threads(args):
 
 # ----------------------------------------------------------------------------- the batch
 
-def make_batch(args, seed):
-    """`pairs` random preference pairs of fixed lengths, collated as the trainer collates them:
-    rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected. Both impls get these exact tensors.
-    A trainer option that changes the batch layout (e.g. prefix sharing) is switched in here."""
+def make_batch(args, impl, seed):
+    """`pairs` random preference pairs of fixed lengths (the same pairs for both impls), collated.
+
+    transformers: collate_pairs, rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected.
+    ours: the trainer's own collate(), whose layout follows its config: those same rows, or with
+    prefix_sharing one packed row [prompt | chosen | rejected] per pair.
+    """
     generator = torch.Generator().manual_seed(seed)
 
     def tokens(n):  # ids below EOT_ID (50256, the last id and the pad): any ordinary GPT-2 token
@@ -138,21 +161,32 @@ def make_batch(args, seed):
 
     pairs = [Pair(tokens(args.prompt_len), tokens(args.response_len), tokens(args.response_len), group_index=i)
              for i in range(args.pairs)]
+    if impl == "ours":
+        return evaluation.collate(pairs, TrainConfig(prefix_sharing=args.prefix_sharing))
     return collate_pairs(pairs)  # input_ids, attention_mask, response_mask: (2B, T)
+
+
+def model_shape(args, impl):
+    """(rows, positions per row, LM-head rows) of one forward, as the docstring's table says."""
+    B, P, R = args.pairs, args.prompt_len, args.response_len
+    if impl == "transformers":
+        return 2 * B, P + R, 2 * B * (P + R)
+    if args.prefix_sharing:
+        return B, P + 2 * R, 2 * B * R
+    return 2 * B, P + R, 2 * B * R
 
 
 # ----------------------------------------------------------------------------- FLOPs and memory
 
-def step_flops(config: GPTConfig, impl, n_seqs, seq_len, response_len):
+def step_flops(config: GPTConfig, n_rows, row_len, head_rows):
     """Model FLOPs of one DPO step (formula in the module docstring and bench/NOTES.md)."""
     with torch.device("meta"):
         model = GPT(config)
     n_body = sum(p.numel() for p in model.transformer.h.parameters()) + sum(
         p.numel() for p in model.transformer.ln_f.parameters())
     L, d, V = config.n_layer, config.n_embd, config.vocab_size
-    tokens = n_seqs * seq_len
-    head_rows = n_seqs * (response_len if impl == "ours" else seq_len)
-    attention = 4 * L * seq_len * d  # per token, forward
+    tokens = n_rows * row_len
+    attention = 4 * L * row_len * d  # per position, forward
     policy = tokens * (6 * n_body + 3 * attention) + 6 * d * V * head_rows
     reference = tokens * (2 * n_body + attention) + 2 * d * V * head_rows
     return policy + reference
@@ -207,8 +241,9 @@ def train_config(args, size):
     return TrainConfig(init_from="scratch", n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
                        n_positions=shape.n_positions, device=args.device, seed=args.seed, precision=args.dtype,
                        sharding=args.sharding, activation_checkpointing=args.activation_checkpointing,
-                       compile=args.compile, batch_size=args.pairs, micro_batch_size=args.pairs,
-                       max_prompt_len=args.prompt_len, max_len=args.prompt_len + args.response_len)
+                       compile=args.compile, prefix_sharing=args.prefix_sharing, batch_size=args.pairs,
+                       micro_batch_size=args.pairs, max_prompt_len=args.prompt_len,
+                       max_len=args.prompt_len + args.response_len)
 
 
 def build_ours(args, size, rank, device, mesh):
@@ -218,7 +253,7 @@ def build_ours(args, size, rank, device, mesh):
     policy = fsdp_train.build_model(config, full_state, cfg, mesh, device, trainable=True)
     reference = fsdp_train.build_model(config, full_state, cfg, mesh, device, trainable=False)
     del full_state
-    optimizer = fsdp_train.make_optimizer(policy, cfg, device)
+    optimizer = fsdp_train.make_optimizer(policy, cfg)
     scaler = fsdp_train.LossScaler(enabled=cfg.precision == "fp16")
     lr = fsdp_train.lr_at(0, 1, cfg)
 
@@ -305,20 +340,19 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
         step, policy, reference, optimizer = build_ours(args, size, rank, device, mesh)
     else:
         step, policy, reference, optimizer = build_transformers(args, size, device)
-    batch = fsdp_train.to_device(make_batch(args, seed=args.seed + rank), device)
+    batch = evaluation.to_device(make_batch(args, impl, seed=args.seed + rank), device)
     grad_bytes = []  # read just before AdamW runs: train_step frees the gradients after it
     hook = optimizer.register_step_pre_hook(lambda *_: grad_bytes.append(
         local_bytes(p.grad for p in policy.parameters() if p.grad is not None)))
     times, losses = time_steps(step, batch, args, device)
     hook.remove()
     config = SIZES[size]
-    n_seqs, seq_len = 2 * args.pairs, args.prompt_len + args.response_len
+    tokens_per_step = world * 2 * args.pairs * (args.prompt_len + args.response_len)  # as if run separately
     row = {"size": size, "impl": impl, "device": device.type, "n_layer": config.n_layer, "n_head": config.n_head,
            "n_embd": config.n_embd, "n_params": sum(p.numel() for p in policy.parameters()), "world_size": world,
            "sharding": args.sharding if impl == "ours" else "none", "precision": args.dtype,
-           "tokens_per_step": world * n_seqs * seq_len,
-           **timing_fields(times, world * n_seqs * seq_len,
-                           world * step_flops(config, impl, n_seqs, seq_len, args.response_len)),
+           "prefix_sharing": args.prefix_sharing and impl == "ours", "tokens_per_step": tokens_per_step,
+           **timing_fields(times, tokens_per_step, world * step_flops(config, *model_shape(args, impl))),
            "loss_first": losses[0], "loss_last": losses[-1], "rss_before_model_bytes": rss_before_model}
     if device.type == "cuda":
         row |= {"peak_mem_bytes": torch.cuda.max_memory_allocated(device),
@@ -363,7 +397,7 @@ def run_worker(args):
         cfg = train_config(args, size)
         rank, _, device, mesh = fsdp_train.setup_distributed(cfg)
     row = measure(args, size, impl, rank, 1, device, mesh)
-    row["device_name"] = device_name(device)
+    row["device_name"], row["sources_sha1"] = device_name(device), SOURCES_SHA1
     if dist.is_initialized():
         dist.destroy_process_group()
     with open(args._worker_out, "w") as f:
@@ -408,7 +442,7 @@ def run_distributed(args):
         row["per_rank"] = [dict(zip(keys, t.tolist())) for t in gathered]
         for k in ("train_state_bytes", "peak_mem_bytes"):
             row[k] = max(r[k] for r in row["per_rank"])  # the rank that runs out first
-        row["device_name"] = device_name(device)
+        row["device_name"], row["sources_sha1"] = device_name(device), SOURCES_SHA1
         rows.append(row)
     dist.destroy_process_group()
     return rows if rank == 0 else None
@@ -490,6 +524,17 @@ def print_table(results):
                       f"{pr['reference_param_bytes'] / 2**20:>10.1f}{pr['step_ms_median']:>10.0f}")
 
 
+def git_state():
+    """(commit, tracked files with uncommitted changes) of the checkout, or (None, None) outside git."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no").split()[1::2]
+        return git("rev-parse", "--short", "HEAD").strip(), dirty
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
 def write_results(args, rows):
     try:
         from transformers import __version__ as transformers_version
@@ -499,25 +544,41 @@ def write_results(args, rows):
     peaks = [r["matmul_peak_flops_per_s"] for r in ok if r.get("matmul_peak_flops_per_s")]
     bf16_peak = max(peaks) if args.device == "cuda" and peaks else None
     for r in ok:
-        r["mfu"] = r["model_flops_per_s"] / bf16_peak if bf16_peak else None
+        r["mfu"] = r["model_flops_per_s"] / (bf16_peak * r["world_size"]) if bf16_peak else None  # per GPU
+    sources = sorted({r["sources_sha1"] for r in ok})
+    if len(sources) > 1:
+        print(f"WARNING: the trainer's files changed during this run (sources_sha1 {sources}); the rows "
+              "measured different code, so their ratios mean little: run it again", file=sys.stderr)
+    commit, dirty = git_state()
     name = ok[0]["device_name"] if ok else args.device
     results = {"benchmark": "dpo_train_step", "device": args.device, "device_name": name, "dtype": args.dtype,
                "torch_version": torch.__version__, "transformers_version": transformers_version,
-               "python_version": sys.version.split()[0], "command": " ".join(["python", "bench/throughput.py",
-                                                                                *args.argv]),
-               "date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
+               "python_version": sys.version.split()[0],
+               "command": " ".join([f"torchrun --nproc_per_node {args.world}" if args.world > 1 else "python",
+                                    "bench/throughput.py", *args.argv]),
+               "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+               "git_uncommitted_files": dirty, "sources_sha1": sources,
+               "threads": args.threads or max(1, (os.cpu_count() or 1) // max(1, args.world)),
                "fsdp_memory": args.fsdp_memory, "pairs": args.pairs, "prompt_len": args.prompt_len,
                "response_len": args.response_len, "steps": args.steps, "warmup": args.warmup,
-               "activation_checkpointing": args.activation_checkpointing, "compile": args.compile,
-               "sharding": args.sharding, "seed": args.seed, "peak_bf16_matmul_flops_per_s": bf16_peak,
-               "flop_formula": "policy S*T*(6N+12LTd)+6dVH, reference S*T*(2N+4LTd)+2dVH; H = S*response_len "
-                               "(ours), S*T (transformers); see bench/NOTES.md",
+               "prefix_sharing": args.prefix_sharing, "activation_checkpointing": args.activation_checkpointing,
+               "compile": args.compile, "sharding": args.sharding, "seed": args.seed,
+               "peak_bf16_matmul_flops_per_s": bf16_peak,
+               "flop_formula": "policy S*T*(6N+12LTd)+6dVH, reference S*T*(2N+4LTd)+2dVH; S rows of T positions, "
+                               "H LM-head rows (see bench/throughput.py docstring and bench/NOTES.md)",
                "rows": rows}
     results["ratios"] = ratios(ok, args.fsdp_memory)
     print_table(results)
     device_slug = "cpu" if args.device == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    tags = "".join(t for t, on in (("-fsdp_memory", args.fsdp_memory), ("-ac", args.activation_checkpointing),
-                                   ("-compile", args.compile), (f"-world{args.world}", args.world > 1)) if on)
+    defaults = parse_args(["--device", args.device])
+    tags = "".join(t for t, on in (
+        ("-fsdp_memory", args.fsdp_memory), (f"-world{args.world}", args.world > 1),
+        ("-" + "+".join(args.impls), args.impls != defaults.impls and not args.fsdp_memory),
+        ("-no_prefix_sharing", not args.prefix_sharing), ("-ac", args.activation_checkpointing),
+        ("-compile", args.compile), (f"-sharding_{args.sharding}", "--sharding" in " ".join(args.argv)),
+        (f"-{args.pairs}x{args.prompt_len}+{args.response_len}",
+         (args.pairs, args.prompt_len, args.response_len) != (defaults.pairs, defaults.prompt_len,
+                                                              defaults.response_len))) if on)
     date = datetime.date.today().strftime("%Y%m%d")
     paths = [os.path.join(args.results_dir, f"{device_slug}-{args.dtype}{tags}-{date}.json")]
     paths += [args.json] if args.json else []

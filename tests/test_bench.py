@@ -59,26 +59,27 @@ def test_tiny_run_writes_every_row_field(tmp_path):
     assert "speedup" in stdout
 
 
-@pytest.mark.parametrize("impl", ["ours", "transformers"])
-def test_flop_formula_matches_torch_flop_counter(impl):
+@pytest.mark.parametrize("impl, prefix_sharing", [("ours", "on"), ("ours", "off"), ("transformers", "on")])
+def test_flop_formula_matches_torch_flop_counter(impl, prefix_sharing):
     """The math SDPA backend runs attention as matmuls, so the counter sees every matmul of the step;
     the formula also counts biases and layer norms (2 FLOPs per parameter per token): ~0.2% more."""
     bench = load_bench()
-    args = bench.parse_args(TINY)
+    args = bench.parse_args(TINY + [f"--prefix_sharing={prefix_sharing}"])
     cpu = torch.device("cpu")
-    if impl == "ours":
+    if impl == "ours":  # the trainer broadcasts the initial config from rank 0: it needs a group
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         build = bench.build_ours(args, "tiny", 0, cpu, None) if impl == "ours" else bench.build_transformers(
             args, "tiny", cpu)
-        step, batch = build[0], bench.make_batch(args, seed=0)
+        step, batch = build[0], bench.make_batch(args, impl, seed=0)
+        assert ("predictor_index" in batch) == (impl == "ours" and prefix_sharing == "on")
         step(batch)  # the first step creates AdamW's state
         with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             step(batch)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    formula = bench.step_flops(bench.SIZES["tiny"], impl, n_seqs=4, seq_len=12, response_len=4)
+    formula = bench.step_flops(bench.SIZES["tiny"], *bench.model_shape(args, impl))
     assert counter.get_total_flops() <= formula <= 1.01 * counter.get_total_flops()
 
 

@@ -113,6 +113,18 @@ def test_stop_and_resume_is_bitwise_equal_to_uninterrupted(single, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("extra, rel", [
+    (["--sharding=none", "--activation_checkpointing"], 1e-5),   # recomputation changes nothing
+    (["--sharding=full", "--activation_checkpointing"], 1e-5),   # ... under FSDP either
+    (["--sharding=none", "--prefix_sharing=false"], 1e-5),       # separate chosen/rejected rows
+    (["--sharding=full", "--precision=bf16"], 3e-2),             # mixed precision: close, not equal
+    (["--sharding=full", "--precision=fp16"], 3e-2),             # ... with loss scaling
+])
+def test_memory_and_precision_options_keep_the_losses(single, tmp_path, extra, rel):
+    run_python(tmp_path, *extra)
+    assert_same_losses(train_losses(tmp_path), train_losses(single), rel=rel)
+
+
 def test_precomputed_reference_gives_the_same_losses(single, tmp_path):
     run_python(tmp_path, "--sharding=none", "--precompute_reference=true")
     assert (tmp_path / "reference_logps.safetensors").exists()
