@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -56,39 +57,77 @@ def remove_partial_checkpoints(out_dir, log=print):
             shutil.rmtree(os.path.join(root, name), ignore_errors=False)
 
 
-def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: int, rank: int):
+def broadcast_json(obj, device):
+    """Rank 0's JSON-able object on every rank, sent as UTF-8 bytes (no pickling)."""
+    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], device=device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return json.loads(bytes(buffer.cpu().tolist()).decode())
+
+
+def on_rank0(write, device, what):
+    """Collective: rank 0 runs write(); if it fails (disk full, permissions), every rank raises the
+    same error, instead of the others waiting forever in their next collective."""
+    problem = None
+    if dist.get_rank() == 0:
+        try:
+            write()
+        except OSError as err:
+            problem = f"could not {what}: {err}"
+    problem = broadcast_json(problem, device)
+    if problem:
+        raise RuntimeError(problem)
+
+
+def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: int, device):
     """Collective: every rank calls it. train_state is JSON (step, data position, loss scale...)."""
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
-    if rank == 0:
+
+    def make_tmp():
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
         os.makedirs(tmp)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
-    if rank == 0:
+
+    def finalize():
         if os.environ.get("GPT2_DPO_FAULT") == f"kill_during_save:{step}":
             os.kill(os.getpid(), signal.SIGKILL)
-        train_state = dict(train_state, files={name: file_fingerprint(os.path.join(tmp, name))
-                                               for name in sorted(os.listdir(tmp))})
+        files = {name: file_fingerprint(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(train_state, f, indent=2)
+            json.dump(dict(train_state, files=files), f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.isdir(final):  # the same step saved again after a resume: replace it
-            shutil.rmtree(final)
+        replaced = os.path.join(root, f".old_step_{step:06d}")
+        if os.path.isdir(final):  # the same step saved again after a resume: move it aside, never delete first
+            os.rename(final, replaced)
         os.rename(tmp, final)
+        if os.path.isdir(replaced):
+            shutil.rmtree(replaced)
         for _, old in complete_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old)
-    dist.barrier()
+
+    on_rank0(make_tmp, device, f"create {tmp}")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
+    except Exception as err:  # DCP gathers every rank's write errors (disk full...) and raises on all
+        raise RuntimeError(f"could not write checkpoint {tmp} ({type(err).__name__}: {err}); the last "
+                           "complete checkpoint is untouched") from err
+    on_rank0(finalize, device, f"complete checkpoint {final}")
     return final
 
 
 def file_fingerprint(path):
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return [os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()]
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return [os.path.getsize(path), digest.hexdigest()]
 
 
 def verify_files(path) -> str | None:

@@ -62,12 +62,12 @@ def left_padded_prompts(prompts, device):
 
 
 @torch.no_grad()
-def sample(model, prompts, cfg, device, seed):
+def sample(model, prompts, cfg, device, seed, temperature):
     """Continuations of prompts (identical on every rank: same inputs, same seed) -> (tokens, masks)."""
     input_ids, mask = left_padded_prompts(prompts, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, generator=generator, stop_early=False)
+                            temperature=temperature, generator=generator, stop_early=False)
     new = tokens[:, input_ids.size(1):]
     after_eos = (new == EOT_ID).long().cumsum(-1) - (new == EOT_ID).long() > 0  # tokens after the first EOT
     response_mask = torch.cat([torch.zeros_like(mask), ~after_eos], dim=1)
@@ -91,10 +91,14 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
             loss_type="sigmoid" if cfg.objective == "sft" else cfg.loss_type,
             label_smoothing=0.0 if cfg.objective == "sft" else cfg.label_smoothing)
         metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, *policy_logps.unbind(-1))
+    if cfg.objective == "sft":  # the preference loss above is not what SFT trains: don't log it as "loss"
+        metrics.pop("loss", None)
     if reference is not None and cfg.kl_samples > 0 and eval_pairs:
-        # KL(policy || reference) = E_{y ~ policy}[log policy(y|x) - log reference(y|x)], one sample per prompt
-        prompts = [p.prompt for p in eval_pairs[:cfg.kl_samples]]
-        tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step)
+        # KL(policy || reference) = E_{y ~ policy}[log policy(y|x) - log reference(y|x)]: one sample
+        # per held-out prompt, drawn from the policy itself (temperature 1), max_new_tokens long.
+        prompts = distinct_prompts(eval_pairs, cfg.kl_samples)
+        tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step,
+                                                       temperature=1.0)
         log_ratio = (response_logps(policy, tokens, response_mask, attention_mask)
                      - response_logps(reference, tokens, response_mask, attention_mask))
         metrics["kl"] = log_ratio.mean()
@@ -110,8 +114,18 @@ def samples_table(prompts, before, after):
     return "\n".join(rows) + "\n"
 
 
+def distinct_prompts(pairs, n):
+    """The prompts of the first n distinct groups (a group's pairs share one prompt)."""
+    seen, prompts = set(), []
+    for pair in pairs:
+        if pair.group_index not in seen and len(prompts) < n:
+            seen.add(pair.group_index)
+            prompts.append(pair.prompt)
+    return prompts
+
+
 def sample_texts(model, prompts, cfg, device):
     model.eval()
-    tokens, _, response_mask = sample(model, prompts, cfg, device, seed=cfg.seed)
+    tokens, _, response_mask = sample(model, prompts, cfg, device, seed=cfg.seed, temperature=cfg.temperature)
     model.train()
     return [decode(row[m].tolist()).split("<|endoftext|>")[0] for row, m in zip(tokens.cpu(), response_mask.cpu())]

@@ -26,6 +26,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+from checkpoint import broadcast_json, on_rank0
 from data.batches import epoch_order, pairs_of, rank_slice, split_groups, truncate_groups
 from data.formats import load_preferences
 from data.tokenizer import decode
@@ -38,8 +39,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them.
 RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "dataset", "data_path",
                      "max_records", "max_prompt_len", "max_len", "eval_fraction", "objective", "loss_type",
-                     "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "warmup_steps",
-                     "lr_schedule", "batch_size", "epochs", "seed", "precision")
+                     "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
+                     "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "epochs", "seed",
+                     "precision")
 
 
 # ----------------------------------------------------------------------------- data
@@ -90,18 +92,6 @@ def setup_distributed(cfg: TrainConfig):
     return dist.get_rank(), world, device, mesh
 
 
-def broadcast_json(obj, device):
-    """Rank 0's JSON-able object on every rank, sent as UTF-8 bytes (no pickling)."""
-    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
-    size = torch.tensor([len(data)], device=device)
-    dist.broadcast(size, src=0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    if dist.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
-    return json.loads(bytes(buffer.cpu().tolist()).decode())
-
-
 def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool):
     """Activation checkpointing -> compile -> fully_shard per block -> fully_shard the root.
 
@@ -139,7 +129,6 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
     if rank == 0:
         if cfg.init_from == "scratch":
             config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
-            torch.manual_seed(cfg.seed)
             state_dict = GPT(config).init_weights(seed=cfg.seed).state_dict()
         else:
             path = resolve_checkpoint_dir(cfg.init_from)
@@ -193,6 +182,7 @@ class LossScaler:
 
     def __init__(self, enabled, scale=2.0 ** 16, growth_interval=2000):
         self.enabled, self.scale, self.growth_interval, self.good_steps = enabled, scale if enabled else 1.0, growth_interval, 0
+        self.min_scale = 1.0
 
     def update(self, finite):
         if not self.enabled:
@@ -202,7 +192,7 @@ class LossScaler:
             if self.good_steps % self.growth_interval == 0:
                 self.scale *= 2
         else:
-            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+            self.scale, self.good_steps = max(self.scale / 2, self.min_scale), 0
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -242,7 +232,9 @@ def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, ref
     n_micro = len(micro_batches)
     summed = {}
     for i, batch in enumerate(micro_batches):
-        if hasattr(policy, "set_requires_gradient_sync"):  # reduce-scatter once, after the last micro-batch
+        # Reduce-scatter once, after the last micro-batch; in between, FSDP keeps the blocks' unsharded
+        # gradients (more memory, 1/n_micro the gradient traffic).
+        if hasattr(policy, "set_requires_gradient_sync"):
             policy.set_requires_gradient_sync(i == n_micro - 1)
         loss, metrics = batch_loss(policy, reference, batch, cfg, reference_logps)
         (loss * (scaler.scale / n_micro)).backward()
@@ -255,7 +247,10 @@ def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, ref
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(summed["loss"]))  # one host sync per step
+    # Every rank must take the same branch: the norm is global already, each rank's loss is not.
+    finite_flag = (torch.isfinite(grad_norm) & torch.isfinite(summed["loss"])).float().reshape(1)
+    dist.all_reduce(finite_flag, op=dist.ReduceOp.MIN)
+    finite = bool(finite_flag.item())  # one host sync per step
     if finite:
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -307,11 +302,11 @@ def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, wo
     train = map_pairs(train_pairs, pair_logps(reference, cfg), cfg, rank, world, device)
     evals = (map_pairs(eval_pairs, pair_logps(reference, cfg), cfg, rank, world, device) if eval_pairs
              else torch.zeros(0, 2, device=device))
-    if rank == 0:
+    def write():
         save_file({"train": train.cpu(), "eval": evals.cpu()}, path + ".tmp")
         os.replace(path + ".tmp", path)
         write_atomic(path + ".json", fingerprint)
-    dist.barrier()
+    on_rank0(write, device, f"write {path}")
     return train, evals
 
 
@@ -321,10 +316,9 @@ def main(argv=None):
     cfg = parse_args(argv)
     train_pairs, eval_pairs, counts = load_data(cfg)  # before any process group, GPU or file work
     rank, world, device, mesh = setup_distributed(cfg)
-    dp_world = world  # every rank holds a different slice of the batch, in both full and hybrid sharding
-    if cfg.batch_size % (cfg.micro_batch_size * dp_world):
+    if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
-                          f"({cfg.micro_batch_size}) x world size ({dp_world})")
+                          f"({cfg.micro_batch_size}) x world size ({world})")
     log = print if rank == 0 else (lambda *a, **k: None)
     problem = broadcast_json(writable_problem(cfg.out_dir) if rank == 0 else None, device)
     if problem:  # every rank raises, none is left waiting in a collective
@@ -352,26 +346,27 @@ def main(argv=None):
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     step, bad_steps = 0, 0
     if checkpoints:
-        if rank == 0:
-            checkpoint.remove_partial_checkpoints(cfg.out_dir, log)
+        on_rank0(lambda: checkpoint.remove_partial_checkpoints(cfg.out_dir, log), device, "clean up checkpoints")
         problem = broadcast_json(checkpoint.verify_files(checkpoints[-1][1]) if rank == 0 else None, device)
         if problem:  # all ranks raise together (a lone rank raising would leave the others waiting)
             raise ValueError(f"cannot resume: {problem}. Move the checkpoint away to resume from an older "
                              "one, or use another out_dir.")
         train_state = checkpoint.load_checkpoint(checkpoints[-1][1], policy, optimizer)
-        step, scaler.scale = train_state["step"], train_state["loss_scale"]
+        step, scaler.scale, scaler.good_steps = train_state["step"], train_state["loss_scale"], train_state["good_steps"]
         log(f"resumed from {checkpoints[-1][1]} at step {step}")
-    elif rank == 0:
-        checkpoint.remove_partial_checkpoints(cfg.out_dir, log)
-        if os.path.exists(os.path.join(cfg.out_dir, "metrics.jsonl")):
-            os.remove(os.path.join(cfg.out_dir, "metrics.jsonl"))
-    if rank == 0:
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    def prepare_run_dir():
+        if not checkpoints:  # a fresh start: nothing from an earlier attempt counts
+            checkpoint.remove_partial_checkpoints(cfg.out_dir, log)
+            if os.path.exists(metrics_path):
+                os.remove(metrics_path)
         write_atomic(os.path.join(cfg.out_dir, "config.yaml"), dump_config(cfg))
-        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
         if os.path.exists(metrics_path):  # drop lines from beyond the checkpoint we resumed from
             with open(metrics_path) as f:
                 kept = [line for line in f if json.loads(line)["step"] <= step]
             write_atomic(metrics_path, "".join(kept))
+    on_rank0(prepare_run_dir, device, f"prepare {cfg.out_dir}")
     wandb_run = None
     if cfg.wandb_log and rank == 0:
         try:
@@ -391,24 +386,28 @@ def main(argv=None):
     before_path = os.path.join(cfg.out_dir, "samples_before.json")
     if sample_prompts and step == 0:  # the policy still equals the reference here
         before = sample_texts(policy, sample_prompts, cfg, device)
-        if rank == 0:
+
+        def write_before():
             write_atomic(before_path, json.dumps(before))
             write_atomic(os.path.join(cfg.out_dir, "samples.md"),
                          samples_table([decode(p) for p in sample_prompts], before, ["(training)"] * len(before)))
+        on_rank0(write_before, device, "write samples.md")
 
     def record(metrics):
         line = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
-        if rank == 0:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+
+        def append():
+            with open(metrics_path, "a") as f:
                 f.write(json.dumps(line) + "\n")
-            if wandb_run is not None:
-                wandb_run.log(line, step=step)
+        on_rank0(append, device, f"append to {metrics_path}")
+        if wandb_run is not None:
+            wandb_run.log(line, step=step)
         return line
 
     def save(step):
         checkpoint.save_checkpoint(cfg.out_dir, step, policy, optimizer, {
-            "step": step, "loss_scale": scaler.scale, "epoch": step // steps_per_epoch,
-            "pairs_seen": step * cfg.batch_size, "identity": identity}, cfg.keep_checkpoints, rank)
+            "step": step, "loss_scale": scaler.scale, "good_steps": scaler.good_steps, "epoch": step // steps_per_epoch,
+            "pairs_seen": step * cfg.batch_size, "identity": identity}, cfg.keep_checkpoints, device)
 
     if step == 0 and eval_pairs:  # the starting point of the eval curves (rewards are all 0 here)
         line = record(evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, world, device, step))
@@ -419,7 +418,7 @@ def main(argv=None):
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(train_pairs), cfg.seed, epoch)
         global_batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
-        local = rank_slice(global_batch, rank, dp_world)
+        local = rank_slice(global_batch, rank, world)
         micro_batches = []
         for start in range(0, len(local), cfg.micro_batch_size):
             indices = local[start:start + cfg.micro_batch_size]
@@ -431,7 +430,9 @@ def main(argv=None):
             micro_batches.append(to_device(batch, device))
         metrics, grad_norm, applied = train_step(policy, reference, optimizer, micro_batches, cfg,
                                                  lr_at(step, total_steps, cfg), scaler, reference_logps)
-        if not applied and not scaler.enabled:
+        # fp16 overflows are routine (the scaler halves its scale and retries on the next batch); a
+        # non-finite step at the smallest scale is a real one, as is any in bf16/fp32.
+        if not applied and (not scaler.enabled or scaler.scale <= scaler.min_scale):
             bad_steps += 1
             log(f"step {step + 1}: non-finite loss ({float(metrics['loss']):.4g}) or gradient norm "
                 f"({float(grad_norm):.4g}) on pairs {global_batch[:8]}{'...' if len(global_batch) > 8 else ''} "
@@ -472,15 +473,18 @@ def main(argv=None):
     save(step)
     if sample_prompts:
         after = sample_texts(policy, sample_prompts, cfg, device)
-        if rank == 0:
+
+        def write_samples():
             with open(before_path) as f:
                 before = json.load(f)
             table = samples_table([decode(p) for p in sample_prompts], before, after)
             write_atomic(os.path.join(cfg.out_dir, "samples.md"), table)
             log("\n" + table)
+        on_rank0(write_samples, device, "write samples.md")
     full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    on_rank0(lambda: write_hf_checkpoint(config, full, os.path.join(cfg.out_dir, "final")), device,
+             f"export {os.path.join(cfg.out_dir, 'final')}")
     if rank == 0:
-        write_hf_checkpoint(config, full, os.path.join(cfg.out_dir, "final"))
         log(f"exported {os.path.join(cfg.out_dir, 'final')} (transformers layout); metrics in "
             f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}")
     if wandb_run is not None:

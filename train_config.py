@@ -59,7 +59,8 @@ class TrainConfig:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     warmup_steps: int = option(0, "linear warmup from 0 to lr over this many optimizer steps")
-    lr_schedule: str = option("constant", "after warmup: constant, or cosine decay to 0 at the last step")
+    lr_schedule: str = option("constant", "after warmup: constant, or cosine decay reaching 0 at the end of the last epoch "
+                             "(max_steps stops early without compressing it)")
     batch_size: int = option(64, "pairs per optimizer step, over all ranks (independent of the world size)")
     micro_batch_size: int = option(8, "pairs per forward pass on one rank; the rest is gradient accumulation")
     epochs: int = option(1, "passes over the training pairs")
@@ -79,7 +80,8 @@ class TrainConfig:
                                   "fewer tokens: 112 instead of 176 at 64 + 24)")
     # --- evaluation, samples, logging, checkpoints
     eval_every: int = option(100, "evaluate on the held-out pairs every N steps (and at the end; 0 = end only)")
-    kl_samples: int = option(16, "held-out prompts sampled to estimate KL(policy || reference) at each eval")
+    kl_samples: int = option(16, "held-out prompts sampled (temperature 1) to estimate KL(policy || reference) at "
+                             "each eval; needs a live reference model")
     n_samples: int = option(8, "held-out prompts in the before/after sample table (samples.md)")
     max_new_tokens: int = option(24, "tokens sampled per continuation (samples and KL estimate)")
     temperature: float = option(0.7, "sampling temperature (0 = greedy)")
@@ -170,6 +172,9 @@ def validate(cfg: TrainConfig):
                                                           cfg.data_path not in ("sentiment", "descriptiveness")):
         if not os.path.isfile(cfg.data_path):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
+    if cfg.label_smoothing > 0 and cfg.loss_type in ("ipo", "hinge"):
+        raise ConfigError(f"label_smoothing={cfg.label_smoothing} applies to loss_type sigmoid (cDPO) and robust "
+                          f"only, not {cfg.loss_type}; set label_smoothing=0")
     if cfg.precompute_reference and cfg.reference_free:
         raise ConfigError("precompute_reference and reference_free exclude each other")
     if cfg.n_embd % cfg.n_head:

@@ -2,7 +2,7 @@
 prompts about everyday things ("Honestly, the hotel was") each have two positive continuations
 preferred over two negative ones, built from small word lists.
 Because the positive and negative words recur across all prompts, a tiny randomly initialised GPT-2
-trained with DPO for a minute or two on CPU learns to prefer the positive words on prompts it has
+trained with DPO for under a minute on CPU learns to prefer the positive words on prompts it has
 never seen.
 """
 import json

@@ -171,6 +171,7 @@ def test_demo_config_learns(tmp_path):
     (["--beta=abc"], "--beta: beta must be float, got 'abc'"),
     (["--loss_type=foo"], "loss_type='foo' is not one of"),
     (["--beta=0"], "beta must be > 0"),
+    (["--loss_type=ipo", "--label_smoothing=0.1"], "applies to loss_type sigmoid (cDPO) and robust only"),
     (["--dataset=jsonl", "--data_path=does/not/exist.jsonl"], "does/not/exist.jsonl"),
     (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
 ])
