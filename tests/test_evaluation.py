@@ -1,0 +1,50 @@
+"""evaluation.py's KL estimate against the exact KL of next-token distributions."""
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from data.batches import Pair
+from evaluation import evaluate
+from gpt2 import GPT, GPTConfig
+from train_config import TrainConfig
+
+
+@pytest.fixture
+def one_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def peaky_model(seed):
+    """A small GPT-2 whose next-token distributions are far from uniform (large random weights)."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50257, n_positions=32)).init_weights(seed)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(40)
+    return model.eval()
+
+
+def test_kl_estimate_is_unbiased_for_the_policy_distribution(one_process_group):
+    """With one sampled token per prompt, eval/kl averages log p(y) - log q(y) over y ~ p, whose
+    expectation is the exact KL(p || q) = sum_y p(y) (log p(y) - log q(y)). Sampling at another
+    temperature than 1 (the bug this guards against) moves the estimate by many standard errors."""
+    policy, reference = peaky_model(1), peaky_model(2)
+    n_prompts = 256
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50256, (4,), generator=gen).tolist() for _ in range(n_prompts)]
+    pairs = [Pair(prompt, [1], [2], group_index=i) for i, prompt in enumerate(prompts)]
+    cfg = TrainConfig(max_new_tokens=1, kl_samples=n_prompts, micro_batch_size=64, temperature=0.7)
+    estimate = evaluate(policy, reference, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"),
+                        step=0)["eval/kl"].item()
+
+    with torch.no_grad():  # exact KL and the per-sample spread, from the next-token distributions
+        log_p = policy(torch.tensor(prompts))[:, -1].double().log_softmax(-1)
+        log_q = reference(torch.tensor(prompts))[:, -1].double().log_softmax(-1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)  # (n_prompts,)
+    second_moment = (p * (log_p - log_q) ** 2).sum(-1)
+    standard_error = math.sqrt((second_moment - kl ** 2).sum().item()) / n_prompts
+    assert kl.mean().item() > 1.0  # the two models really differ
+    assert abs(estimate - kl.mean().item()) < 4 * standard_error, (estimate, kl.mean().item(), standard_error)
