@@ -222,6 +222,19 @@ def test_non_finite_steps_can_be_skipped_up_to_a_bound(poisoned_setup):
     assert torch.isfinite(torch.cat([wpe[:POISONED_POSITION], wpe[POISONED_POSITION + 1:]])).all()
 
 
+def test_non_finite_loss_on_one_of_two_ranks_stops_both(poisoned_setup):
+    """The poisoned pair lands on one rank's slice: both ranks must skip together and stop together
+    (a rank stopping alone would leave the other waiting in a collective until a timeout)."""
+    tmp_path, args, poisoned_step = poisoned_setup
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py",
+         *TINY, f"--out_dir={tmp_path / 'run'}", *[a for a in args if a != "--sharding=none"]],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert f"step {poisoned_step}: non-finite loss" in result.stdout
+    assert result.stderr.count(f"stopping at step {poisoned_step}") == 2  # each rank says so, none hangs
+
+
 # ----------------------------------------------------------------------------- refused before training
 
 def test_unwritable_run_directory_is_refused_before_training(tmp_path):
