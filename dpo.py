@@ -78,14 +78,16 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
 
 def shared_prompt_logps(model, batch, average=False):
     """(2B,) chosen-then-rejected log-probs from a batch of collate_pairs_shared_prompt: one packed
-    row per pair, [prompt | chosen | rejected], with the prompt computed once for both."""
+    row per prompt, [prompt | response | ...], the prompt computed once for all its responses."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
                    logits_at=batch["predictor_index"])  # (N, V)
     per_token = token_logps(logits, batch["target_ids"])  # (N,)
-    n_segments = batch["response_lengths"].size(0)
-    logps = torch.zeros(n_segments, dtype=torch.float32, device=per_token.device)
-    logps = logps.index_add(0, batch["target_segment"], per_token)  # (2B,)
-    return logps / batch["response_lengths"] if average else logps
+    slot_lengths = batch["slot_lengths"]
+    slot_logps = torch.zeros(slot_lengths.size(0), dtype=torch.float32, device=per_token.device)
+    slot_logps = slot_logps.index_add(0, batch["target_slot"], per_token)  # (S,): one per distinct response
+    if average:
+        slot_logps = slot_logps / slot_lengths
+    return torch.cat([slot_logps[batch["chosen_slot"]], slot_logps[batch["rejected_slot"]]])  # (2B,)
 
 
 def concatenated_logps(model, batch, average=False):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 from checkpoint import broadcast_json, on_rank0
-from data.batches import epoch_order, pairs_of, rank_slice, split_groups, truncate_groups
+from data.batches import epoch_order, grouped_epoch_order, pairs_of, rank_slice, split_groups, truncate_groups
 from data.formats import load_preferences
 from data.tokenizer import decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
@@ -41,7 +41,7 @@ RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", 
                      "max_records", "max_prompt_len", "max_len", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
                      "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "epochs", "seed",
-                     "precision")
+                     "precision", "group_order")
 
 
 # ----------------------------------------------------------------------------- data
@@ -416,7 +416,8 @@ def main(argv=None):
     t_start, step_start, window_tokens, t_window = time.time(), step, 0, time.time()
     while step < last_step:
         epoch, position = divmod(step, steps_per_epoch)
-        order = epoch_order(len(train_pairs), cfg.seed, epoch)
+        order = (grouped_epoch_order(train_pairs, cfg.seed, epoch) if cfg.group_order
+                 else epoch_order(len(train_pairs), cfg.seed, epoch))
         global_batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
         local = rank_slice(global_batch, rank, world)
         micro_batches = []

@@ -59,12 +59,14 @@ class Pair:
     chosen: list[int]
     rejected: list[int]
     group_index: int  # index into the groups list this pair came from
+    chosen_index: int = 0  # the responses' indices within their group: pairs of one group that name
+    rejected_index: int = 1  # the same response share it when packed (collate_pairs_shared_prompt)
 
 
 def pairs_of(groups: list[PreferenceGroup]) -> list[Pair]:
     """Flatten groups into pairs (group order, then pair order), keeping each pair's group index."""
     return [
-        Pair(group.prompt, group.responses[chosen], group.responses[rejected], group_index)
+        Pair(group.prompt, group.responses[chosen], group.responses[rejected], group_index, chosen, rejected)
         for group_index, group in enumerate(groups)
         for chosen, rejected in group.pairs
     ]
@@ -73,6 +75,17 @@ def pairs_of(groups: list[PreferenceGroup]) -> list[Pair]:
 def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
     """A permutation of range(n_items) that depends only on (seed, epoch): the same on every rank and run."""
     return np.random.default_rng([seed, epoch]).permutation(n_items).tolist()
+
+
+def grouped_epoch_order(pairs: list[Pair], seed: int, epoch: int) -> list[int]:
+    """Like epoch_order, but the groups are shuffled and each group's pairs stay together, so the
+    pairs of one prompt tend to land in one micro-batch and share one packed row."""
+    pairs_by_group = {}
+    for index, pair in enumerate(pairs):
+        pairs_by_group.setdefault(pair.group_index, []).append(index)
+    groups = list(pairs_by_group)
+    return [index for g in np.random.default_rng([seed, epoch]).permutation(len(groups)).tolist()
+            for index in pairs_by_group[groups[g]]]
 
 
 def rank_slice(items: list, rank: int, world_size: int) -> list:
@@ -110,51 +123,67 @@ def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Te
 
 
 def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Tensor]:
-    """Pairs to ONE packed row each, [prompt | chosen | rejected], so the prompt runs once.
+    """Pairs to packed rows that run each prompt once: one row per group (prompt) in the batch,
+    [prompt | response | response | ...], holding each response that the batch's pairs of that
+    group name, once.
 
-    A pair of 64 + 24 + 24 tokens is 112 positions instead of the 176 of two separate rows. The
-    attention mask lets every token see what it would see alone after the prompt: the prompt and
-    its own response, causally, never the sibling response; positions restart after the prompt for
-    each response, so the rejected tokens are at the positions they would have on their own.
+    A lone pair is [prompt | chosen | rejected]: 64 + 24 + 24 = 112 positions instead of the 176 of
+    two separate rows; the three pairs of an lm-human-preferences query (4 responses) are 64 + 4 x 24
+    = 160 instead of 528. The attention mask lets every token see what it would see alone after the
+    prompt: the prompt and its own response, causally, never a sibling response; positions restart
+    after the prompt for each response, so each response sits at the positions it would have alone.
 
-    Returns, for B pairs packed into (B, L):
-      input_ids (B, L) long, right-padded; position_ids (B, L) long;
-      attention_mask (B, L, L) bool, True where a query may attend to a key;
-      target_ids (N,) the response tokens, each pair's chosen then rejected ones;
-      predictor_index (N,) flat index into B*L of the position whose logits predict each target
-        (the first chosen AND the first rejected token are both predicted by the prompt's last token);
-      target_segment (N,) in 0..2B-1: b for pair b's chosen tokens, B + b for its rejected ones;
-      response_lengths (2B,) chosen lengths then rejected lengths.
+    Returns, for B pairs packed into (G, L), with S distinct responses ("slots"):
+      input_ids (G, L) long, right-padded; position_ids (G, L) long;
+      attention_mask (G, L, L) bool, True where a query may attend to a key;
+      target_ids (N,) every slot's tokens, slot after slot;
+      predictor_index (N,) flat index into G*L of the position whose logits predict each target
+        (each response's first token is predicted by the prompt's last position);
+      target_slot (N,) in 0..S-1; slot_lengths (S,);
+      chosen_slot (B,), rejected_slot (B,): each pair's two responses.
     """
     if not pairs:
         raise ValueError("collate_pairs_shared_prompt: got no pairs; a batch needs at least one")
-    B = len(pairs)
-    L = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((B, L), dtype=torch.long)
-    segment = torch.full((B, L), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
-    targets, predictors, target_segments = [], [], []
-    for b, pair in enumerate(pairs):
-        P, C, R = len(pair.prompt), len(pair.chosen), len(pair.rejected)
-        if P == 0:
+    rows, slot_of = {}, {}  # group -> (prompt, [(response_key, tokens)]); response_key -> slot
+    for pair in pairs:
+        if not pair.prompt:
             raise ValueError("collate_pairs_shared_prompt: a pair has an empty prompt; the first response token "
                              "needs a prompt token to be predicted from")
-        input_ids[b, :P + C + R] = torch.tensor(pair.prompt + pair.chosen + pair.rejected, dtype=torch.long)
-        position_ids[b, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
-        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
-        row = b * L
-        targets += pair.chosen + pair.rejected
-        predictors += [row + P - 1 + i for i in range(C)]  # chosen token i is predicted by position P-1+i
-        predictors += [row + P - 1] + [row + P + C + i for i in range(R - 1)]  # rejected: prompt end, then itself
-        target_segments += [b] * C + [B + b] * R
+        prompt, responses = rows.setdefault(pair.group_index, (pair.prompt, []))
+        for index, tokens in ((pair.chosen_index, pair.chosen), (pair.rejected_index, pair.rejected)):
+            key = (pair.group_index, index)
+            if key not in slot_of:
+                slot_of[key] = len(slot_of)  # slots are numbered in pair order, laid out row by row
+                responses.append((slot_of[key], tokens))
+    G = len(rows)
+    L = max(len(prompt) + sum(len(r) for _, r in responses) for prompt, responses in rows.values())
+    input_ids = torch.full((G, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((G, L), dtype=torch.long)
+    segment = torch.full((G, L), -1, dtype=torch.long)  # -1 pad, 0 prompt, s + 1 for slot s
+    targets, predictors, target_slots, slot_lengths = [], [], [], [0] * len(slot_of)
+    for g, (prompt, responses) in enumerate(rows.values()):
+        P, start = len(prompt), len(prompt)
+        input_ids[g, :P], position_ids[g, :P], segment[g, :P] = torch.tensor(prompt), torch.arange(P), 0
+        for slot, tokens in responses:
+            R, end = len(tokens), start + len(tokens)
+            input_ids[g, start:end] = torch.tensor(tokens)
+            position_ids[g, start:end] = torch.arange(P, P + R)
+            segment[g, start:end] = slot + 1
+            targets += tokens
+            predictors += [g * L + P - 1] + [g * L + start + i for i in range(R - 1)]
+            target_slots += [slot] * R
+            slot_lengths[slot] = R
+            start = end
     causal = torch.ones(L, L, dtype=torch.bool).tril()
-    sees_sibling = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)  # rejected query, chosen key
+    query, key = segment[:, :, None], segment[:, None, :]
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
-        "attention_mask": causal & ~sees_sibling,  # (B, L, L)
+        "attention_mask": causal & ((key == 0) | (key == query)),  # (G, L, L): the prompt, and oneself
         "target_ids": torch.tensor(targets, dtype=torch.long),
         "predictor_index": torch.tensor(predictors, dtype=torch.long),
-        "target_segment": torch.tensor(target_segments, dtype=torch.long),
-        "response_lengths": torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs]),
+        "target_slot": torch.tensor(target_slots, dtype=torch.long),
+        "slot_lengths": torch.tensor(slot_lengths),
+        "chosen_slot": torch.tensor([slot_of[(p.group_index, p.chosen_index)] for p in pairs]),
+        "rejected_slot": torch.tensor([slot_of[(p.group_index, p.rejected_index)] for p in pairs]),
     }

@@ -15,7 +15,8 @@ import tiktoken
 import torch
 
 from data import formats
-from data.batches import Pair, collate_pairs, epoch_order, pairs_of, rank_slice, split_groups, truncate_groups
+from data.batches import (Pair, collate_pairs, epoch_order, grouped_epoch_order, pairs_of, rank_slice, split_groups,
+                          truncate_groups)
 from data.demo import make_demo_groups, write_demo_jsonl
 from data.formats import PreferenceGroup, load_hh, load_jsonl, load_lm_human_preferences, load_preferences
 
@@ -311,7 +312,7 @@ def test_split_groups_by_group_deterministic():
 
 def test_pairs_of_keeps_group_index():
     groups = [PreferenceGroup([1], [[2], [3], [4]], [(0, 1), (0, 2)], "a"), PreferenceGroup([5], [[6], [7]], [(1, 0)], "b")]
-    assert pairs_of(groups) == [Pair([1], [2], [3], 0), Pair([1], [2], [4], 0), Pair([5], [7], [6], 1)]
+    assert pairs_of(groups) == [Pair([1], [2], [3], 0, 0, 1), Pair([1], [2], [4], 0, 0, 2), Pair([5], [7], [6], 1, 1, 0)]
 
 
 def test_epoch_order():
@@ -393,3 +394,15 @@ def test_demo_groups(tmp_path):
     assert [(p.prompt, p.chosen, p.rejected) for p in from_jsonl] == [(p.prompt, p.chosen, p.rejected) for p in from_groups]
     _, counts = load_preferences("demo", None, n_groups=40, seed=1)
     assert (counts["records"], counts["pairs"], counts["dropped_identical"]) == (40, 160, 0)
+
+
+def test_grouped_epoch_order_keeps_each_groups_pairs_together():
+    groups = [PreferenceGroup([g], [[1], [2], [3]], [(0, 1), (0, 2), (1, 2)][: 1 + g % 3], f"g{g}") for g in range(20)]
+    pairs = pairs_of(groups)
+    order = grouped_epoch_order(pairs, seed=3, epoch=0)
+    assert sorted(order) == list(range(len(pairs)))
+    assert order == grouped_epoch_order(pairs, seed=3, epoch=0) != grouped_epoch_order(pairs, seed=3, epoch=1)
+    runs = [pairs[i].group_index for i in order]
+    starts = [g for k, g in enumerate(runs) if k == 0 or runs[k - 1] != g]
+    assert len(starts) == len(set(starts)) == 20  # each group appears as one contiguous run
+    assert starts != sorted(starts)  # and the groups are shuffled

@@ -413,3 +413,29 @@ def test_shared_prompt_gradients_equal_the_plain_path(hf_and_ours):
         grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
         ours.zero_grad(set_to_none=True)
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_a_groups_pairs_share_one_packed_row_and_keep_their_logps(hf_and_ours):
+    """Three pairs of one prompt with 4 responses (lm-human-preferences' shape) and a lone pair:
+    two packed rows, each response once, log-probs equal to transformers on each sequence alone."""
+    from data.batches import collate_pairs_shared_prompt, pairs_of
+    from data.formats import PreferenceGroup
+    hf, ours = hf_and_ours
+    gen = torch.Generator().manual_seed(9)
+    ids = lambda n: torch.randint(0, 50257, (n,), generator=gen).tolist()  # noqa: E731
+    groups = [PreferenceGroup(ids(6), [ids(4), ids(3), ids(5), ids(2)], [(2, 0), (2, 1), (2, 3)], "q0"),
+              PreferenceGroup(ids(3), [ids(2), ids(4)], [(1, 0)], "q1")]
+    pairs = pairs_of(groups)
+    pairs = [pairs[0], pairs[3], pairs[1], pairs[2]]  # the groups interleaved, as a shuffled batch has them
+    batch = collate_pairs_shared_prompt(pairs)
+    assert batch["input_ids"].shape == (2, 6 + 4 + 3 + 5 + 2)  # one row per prompt, each response once
+    assert len(batch["slot_lengths"]) == 6
+    with torch.no_grad():
+        chosen, rejected = concatenated_logps(ours, batch)
+    for i, pair in enumerate(pairs):
+        for response, got in ((pair.chosen, chosen[i]), (pair.rejected, rejected[i])):
+            seq = torch.tensor([pair.prompt + response])
+            mask = torch.zeros_like(seq, dtype=torch.bool)
+            mask[0, len(pair.prompt):] = True
+            expected = reference_logps_from_transformers(hf, seq, torch.ones_like(mask), mask)
+            assert torch.allclose(got.double(), expected[0], rtol=1e-5, atol=0)

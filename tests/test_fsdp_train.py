@@ -125,6 +125,14 @@ def test_memory_and_precision_options_keep_the_losses(single, tmp_path, extra, r
     assert_same_losses(train_losses(tmp_path), train_losses(single), rel=rel)
 
 
+def test_group_order_packs_a_prompts_pairs_without_changing_their_losses(tmp_path):
+    """The demo's prompts have 4 pairs each; with group_order a prompt's pairs arrive together and
+    share one packed row. The same order without any packing must give the same losses."""
+    run_python(tmp_path / "packed", "--sharding=none", "--group_order")
+    run_python(tmp_path / "separate", "--sharding=none", "--group_order", "--prefix_sharing=false")
+    assert_same_losses(train_losses(tmp_path / "packed"), train_losses(tmp_path / "separate"))
+
+
 def test_precomputed_reference_gives_the_same_losses(single, tmp_path):
     run_python(tmp_path, "--sharding=none", "--precompute_reference=true")
     assert (tmp_path / "reference_logps.safetensors").exists()
