@@ -376,6 +376,17 @@ def test_logps_memory_does_not_grow_with_vocab_times_prompt_length(hf_and_ours):
     ours.zero_grad(set_to_none=True)
 
 
+def assert_each_pair_matches_transformers_alone(hf, pairs, chosen, rejected):
+    """Each pair's chosen and rejected log-prob against transformers run on prompt + response alone."""
+    for i, pair in enumerate(pairs):
+        for response, got in ((pair.chosen, chosen[i]), (pair.rejected, rejected[i])):
+            ids = torch.tensor([pair.prompt + response])
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[0, len(pair.prompt):] = True
+            expected = reference_logps_from_transformers(hf, ids, torch.ones_like(mask), mask)
+            assert torch.allclose(got.double(), expected[0], rtol=1e-5, atol=0)
+
+
 def test_shared_prompt_packing_gives_the_same_logps_as_separate_sequences(hf_and_ours):
     """One packed row [prompt | chosen | rejected] per pair against transformers run on each
     prompt+response sequence alone (prompts and responses of different lengths in one batch)."""
@@ -390,13 +401,8 @@ def test_shared_prompt_packing_gives_the_same_logps_as_separate_sequences(hf_and
     with torch.no_grad():
         chosen, rejected = concatenated_logps(ours, batch)
         chosen_mean, _ = concatenated_logps(ours, batch, average=True)
+    assert_each_pair_matches_transformers_alone(hf, pairs, chosen, rejected)
     for i, pair in enumerate(pairs):
-        for response, got in ((pair.chosen, chosen[i]), (pair.rejected, rejected[i])):
-            ids = torch.tensor([pair.prompt + response])
-            mask = torch.zeros_like(ids, dtype=torch.bool)
-            mask[0, len(pair.prompt):] = True
-            expected = reference_logps_from_transformers(hf, ids, torch.ones_like(mask), mask)
-            assert torch.allclose(got.double(), expected[0], rtol=1e-5, atol=0)
         assert torch.allclose(chosen_mean[i], chosen[i] / len(pair.chosen))
 
 
@@ -432,10 +438,4 @@ def test_a_groups_pairs_share_one_packed_row_and_keep_their_logps(hf_and_ours):
     assert len(batch["slot_lengths"]) == 6
     with torch.no_grad():
         chosen, rejected = concatenated_logps(ours, batch)
-    for i, pair in enumerate(pairs):
-        for response, got in ((pair.chosen, chosen[i]), (pair.rejected, rejected[i])):
-            seq = torch.tensor([pair.prompt + response])
-            mask = torch.zeros_like(seq, dtype=torch.bool)
-            mask[0, len(pair.prompt):] = True
-            expected = reference_logps_from_transformers(hf, seq, torch.ones_like(mask), mask)
-            assert torch.allclose(got.double(), expected[0], rtol=1e-5, atol=0)
+    assert_each_pair_matches_transformers_alone(hf, pairs, chosen, rejected)
