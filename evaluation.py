@@ -6,7 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from data.batches import collate_pairs, collate_pairs_shared_prompt
+from data.batches import collate_pairs, collate_pairs_shared_prompt, left_pad
 from data.tokenizer import EOT_ID, decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
 
@@ -49,22 +49,18 @@ def map_pairs(pairs, fn, cfg, rank, world, device):
     return torch.cat(gathered)[:len(pairs)]
 
 
-@torch.no_grad()
 def pair_logps(model, cfg):
-    return lambda batch: torch.stack(concatenated_logps(model, batch, average=logps_average(cfg)), dim=-1)
-
-
-def left_padded_prompts(prompts, device):
-    T = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[EOT_ID] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
-    return input_ids, mask
+    """batch -> (B, 2) chosen and rejected log-probs, computed without autograd."""
+    @torch.no_grad()
+    def chosen_and_rejected(batch):
+        return torch.stack(concatenated_logps(model, batch, average=logps_average(cfg)), dim=-1)
+    return chosen_and_rejected
 
 
 @torch.no_grad()
 def sample(model, prompts, cfg, device, seed, temperature):
     """Continuations of prompts (identical on every rank: same inputs, same seed) -> (tokens, masks)."""
-    input_ids, mask = left_padded_prompts(prompts, device)
+    input_ids, mask = (t.to(device) for t in left_pad(prompts))
     generator = torch.Generator(device=device).manual_seed(seed)
     tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
                             temperature=temperature, generator=generator, stop_early=False)

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from data.batches import left_pad
 from data.tokenizer import decode, encode, EOT_ID
 from gpt2 import GPT
 
@@ -36,11 +37,8 @@ def main(argv=None):
         sys.exit(f"error: {err}")
     prompts = args.prompt or ["The movie was", "My favourite thing about the city is", "Once upon a time"]
     prompts = [p for p in prompts for _ in range(args.num_samples)]
-    encoded = [encode(p) for p in prompts]
-    T = max(len(ids) for ids in encoded)
-    # left-pad so every prompt ends at the same column, where generation starts
-    input_ids = torch.tensor([[EOT_ID] * (T - len(ids)) + ids for ids in encoded], device=device)
-    mask = torch.tensor([[0] * (T - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    input_ids, mask = (t.to(device) for t in left_pad([encode(p) for p in prompts]))
+    T = input_ids.size(1)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)

@@ -187,3 +187,12 @@ def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> dict
         "chosen_slot": torch.tensor([slot_of[(p.group_index, p.chosen_index)] for p in pairs]),
         "rejected_slot": torch.tensor([slot_of[(p.group_index, p.rejected_index)] for p in pairs]),
     }
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = EOT_ID):
+    """Prompts of different lengths for generation: (input_ids, attention_mask), both (B, T), padded on
+    the left so that every prompt ends in the last column, where generation continues."""
+    T = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], dtype=torch.long)
+    attention_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])
+    return input_ids, attention_mask

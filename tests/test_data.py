@@ -406,3 +406,10 @@ def test_grouped_epoch_order_keeps_each_groups_pairs_together():
     starts = [g for k, g in enumerate(runs) if k == 0 or runs[k - 1] != g]
     assert len(starts) == len(set(starts)) == 20  # each group appears as one contiguous run
     assert starts != sorted(starts)  # and the groups are shuffled
+
+
+def test_left_pad_ends_every_prompt_in_the_last_column():
+    from data.batches import left_pad
+    input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
