@@ -491,16 +491,18 @@ def main(argv=None):
     if wandb_run is not None:
         wandb_run.finish()
     dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     try:
-        main()
+        main()  # returns with its models, optimizer and FSDP state already freed
     except (ConfigError, FileNotFoundError, ValueError) as err:  # bad input: say what and where, no traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except (RuntimeError, OSError) as err:  # stopped during the run (non-finite loss, disk full, ...)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():  # after main's FSDP modules are gone, which hold its groups
+            dist.destroy_process_group()
