@@ -41,7 +41,7 @@ RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", 
                      "max_records", "max_prompt_len", "max_len", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
                      "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "epochs", "seed",
-                     "precision", "group_order")
+                     "precision", "reference_precision", "group_order")
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,8 +140,12 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
     return config, state_dict
 
 
+def reference_dtype(cfg: TrainConfig):
+    return DTYPES[cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision]
+
+
 def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
-    compute_dtype = DTYPES[cfg.precision]
+    compute_dtype = DTYPES[cfg.precision] if trainable else reference_dtype(cfg)
     with torch.device("meta"):  # no memory until the weights arrive
         model = GPT(config)
     if not trainable:
@@ -339,7 +343,8 @@ def main(argv=None):
     optimizer = make_optimizer(policy, cfg)
     scaler = LossScaler(enabled=cfg.precision == "fp16")
     log(f"model: {policy.num_params() / 1e6:.1f}M parameters, {world} rank(s), sharding={cfg.sharding}, "
-        f"precision={cfg.precision}, device={device.type}")
+        f"precision={cfg.precision}, device={device.type}"
+        + (f", reference in {cfg.reference_precision}" if reference is not None and cfg.reference_precision != "same" else ""))
 
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs

@@ -165,8 +165,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, kv_cache=None):
+    def forward(self, x, attn_mask=None, kv_cache=None, keep=None):
+        """x: (B, T, C) -> (B, T, C); with keep, long (N,) indices into the B*T flattened positions,
+        -> (N, C) of just those positions: attention still reads every position's keys and values,
+        but the MLP (two thirds of the block's FLOPs) runs only on the rows kept."""
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache)
+        if keep is not None:
+            x = x.flatten(0, 1)[keep]  # (N, C)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -221,7 +226,8 @@ class GPT(nn.Module):
             (repeats allowed). The LM head (n_embd x 50257) is the largest matmul at DPO's lengths,
             and most positions are prompt tokens whose logits are never used: with this, logits are
             computed only at those positions and returned packed, (N, vocab), in mask (row-major) or
-            index order.
+            index order. Nothing reads the other positions after the last block's attention, so its
+            MLP and ln_f run only at these positions too.
         return_hidden: return the final hidden states (B, T, n_embd) after ln_f instead of logits.
         """
         B, T = input_ids.shape
@@ -239,19 +245,18 @@ class GPT(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
 
+        keep = None  # (N,) flat positions whose logits are wanted; the last block keeps only them
+        if logits_at is not None and not return_hidden:
+            keep = logits_at.flatten().nonzero().squeeze(1) if logits_at.dtype == torch.bool else logits_at
+
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, attn_mask, kv_cache)
+        last = len(self.transformer.h) - 1
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, keep if i == last else None)  # (B, T, C); (N, C) after the last
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        if return_hidden:
-            return x
-        if logits_at is not None and logits_at.dtype == torch.bool:
-            x = x[logits_at]  # (N, C)
-        elif logits_at is not None:
-            x = x.flatten(0, 1)[logits_at]  # (N, C)
-        return self.lm_head(x)  # (B, T, V) or (N, V)
+        return x if return_hidden else self.lm_head(x)  # (B, T, C); logits (B, T, V) or (N, V)
 
     # ------------------------------------------------------------------------- sampling
 

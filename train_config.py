@@ -71,6 +71,11 @@ class TrainConfig:
     # --- parallelism and precision
     precision: str = option("bf16", "bf16 (bf16 compute, fp32 master weights and grad reduction), fp16 "
                             "(same with dynamic loss scaling, for GPUs without bf16), or fp32")
+    reference_precision: str = option("same", "dtype of the frozen reference model: same (as precision), bf16, "
+                                      "fp16 or fp32. bf16 under precision=fp32 halves the reference's memory and, "
+                                      "where bf16 matmuls are fast (GPUs; CPUs with AMX), its forward time; its "
+                                      "log-probs then carry bf16 rounding (about 0.05 nats per 24-token response "
+                                      "at gpt2's shape), so the implicit rewards at step 0 are not exactly 0")
     sharding: str = option("full", "full: FSDP over all ranks; hybrid: shard within a node, replicate across "
                            "nodes (HSDP); none: no FSDP (one process only)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)")
@@ -96,7 +101,8 @@ class TrainConfig:
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft"), "loss_type": LOSS_TYPES,
     "logps": ("auto", "sum", "mean"), "lr_schedule": ("constant", "cosine"),
-    "precision": ("bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
+    "precision": ("bf16", "fp16", "fp32"),
+    "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
 }
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
             "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")

@@ -49,7 +49,9 @@ def print_table(results):
             continue
         spread = f"{r['step_ms_median']:.0f} [{r['step_ms_min']:.0f}, {r['step_ms_max']:.0f}]"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['size']:<12}{r['impl']:<14}{r['world_size']:>6}{r['tokens_per_s']:>11.1f}{spread:>30}"
+        reference = r.get("reference_precision", r["precision"])
+        impl = r["impl"] + (f"+ref {reference}" if reference != r["precision"] else "")
+        print(f"{r['size']:<12}{impl:<14}{r['world_size']:>6}{r['tokens_per_s']:>11.1f}{spread:>30}"
               f"{r['peak_mem_bytes'] / gib:>14.2f}{r['rss_before_model_bytes'] / gib:>16.2f}"
               f"{r['model_flops_per_s'] / 1e12:>9.3f}{mfu:>7}")
     for q in results["ratios"]:
@@ -109,9 +111,11 @@ def write_results(args, rows, defaults):
                "response_len": args.response_len, "steps": args.steps, "warmup": args.warmup,
                "prefix_sharing": args.prefix_sharing, "activation_checkpointing": args.activation_checkpointing,
                "compile": args.compile, "sharding": args.sharding, "seed": args.seed,
+               "reference_dtype": args.reference_dtype,
                "peak_bf16_matmul_flops_per_s": bf16_peak,
-               "flop_formula": "policy S*T*(6N+12LTd)+6dVH, reference S*T*(2N+4LTd)+2dVH; S rows of T positions, "
-                               "H LM-head rows (see bench/throughput.py docstring and bench/NOTES.md)",
+               "flop_formula": "policy S*T*(6N+12LTd)+6(M+dV)H, reference S*T*(2N+4LTd)+2(M+dV)H; S rows of T "
+                               "positions, H LM-head rows, M the last block's ln_2+MLP and ln_f (run at the H "
+                               "rows only) (see bench/throughput.py docstring and bench/NOTES.md)",
                "rows": rows}
     results["ratios"] = ratios(ok, args.fsdp_memory)
     print_table(results)
@@ -120,6 +124,7 @@ def write_results(args, rows, defaults):
         ("-fsdp_memory", args.fsdp_memory), (f"-world{args.world}", args.world > 1),
         ("-" + "+".join(args.impls), args.impls != defaults.impls and not args.fsdp_memory),
         ("-no_prefix_sharing", not args.prefix_sharing), ("-ac", args.activation_checkpointing),
+        (f"-ref_{args.reference_dtype}", args.reference_dtype not in ("same", args.dtype)),
         ("-compile", args.compile), (f"-sharding_{args.sharding}", "--sharding" in " ".join(args.argv)),
         (f"-{args.pairs}x{args.prompt_len}+{args.response_len}",
          (args.pairs, args.prompt_len, args.response_len) != (defaults.pairs, defaults.prompt_len,

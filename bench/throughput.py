@@ -14,10 +14,12 @@ real shapes, no download.
 As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory.
 
 FLOPs per step (model FLOPs: recomputation from activation checkpointing is not counted), for
-S rows of T positions as the model runs them, L layers, width d, vocab V, N = parameters of the
-blocks and ln_f (all that multiplies every position; embeddings are lookups), H = LM-head rows:
-    policy    = S*T * (6*N + 12*L*T*d) + 6*d*V*H     forward + backward
-    reference = S*T * (2*N +  4*L*T*d) + 2*d*V*H     forward only
+S rows of T positions as the model runs them, L layers, width d, vocab V, H = LM-head rows,
+M = parameters of the last block's ln_2 and MLP and of ln_f (they run only at the H rows whose
+logits are used), N = the other parameters of the blocks (they multiply every position;
+embeddings are lookups):
+    policy    = S*T * (6*N + 12*L*T*d) + 6*(M + d*V)*H     forward + backward
+    reference = S*T * (2*N +  4*L*T*d) + 2*(M + d*V)*H     forward only
     step      = policy + reference
 4*L*T*d per position is attention's QK^T and AV over all T keys of its row (the PaLM convention:
 no discount for the causal mask). With P = prompt_len, R = response_len, B = pairs:
@@ -87,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps (at least 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, kernels, compile)")
+    p.add_argument("--reference_dtype", default="same", choices=("same", "fp32", "bf16"),
+                   help="ours: the trainer's reference_precision (the frozen reference's dtype); "
+                        "transformers keeps its reference in --dtype")
     p.add_argument("--prefix_sharing", choices=("on", "off"), default="on" if TrainConfig().prefix_sharing else "off",
                    help="ours: the trainer's prefix_sharing (one packed row per pair); default: the trainer's")
     p.add_argument("--activation_checkpointing", action="store_true")
@@ -181,13 +186,15 @@ def step_flops(config: GPTConfig, n_rows, row_len, head_rows):
     """Model FLOPs of one DPO step (formula in the module docstring and bench/NOTES.md)."""
     with torch.device("meta"):
         model = GPT(config)
-    n_body = sum(p.numel() for p in model.transformer.h.parameters()) + sum(
+    last = model.transformer.h[-1]
+    n_tail = sum(p.numel() for m in (last.ln_2, last.mlp, model.transformer.ln_f) for p in m.parameters())
+    n_body = sum(p.numel() for p in model.transformer.h.parameters()) - n_tail + sum(
         p.numel() for p in model.transformer.ln_f.parameters())
     L, d, V = config.n_layer, config.n_embd, config.vocab_size
     tokens = n_rows * row_len
     attention = 4 * L * row_len * d  # per position, forward
-    policy = tokens * (6 * n_body + 3 * attention) + 6 * d * V * head_rows
-    reference = tokens * (2 * n_body + attention) + 2 * d * V * head_rows
+    policy = tokens * (6 * n_body + 3 * attention) + 6 * (n_tail + d * V) * head_rows
+    reference = tokens * (2 * n_body + attention) + 2 * (n_tail + d * V) * head_rows
     return policy + reference
 
 
@@ -241,6 +248,7 @@ def train_config(args, size):
                        n_positions=shape.n_positions, device=args.device, seed=args.seed, precision=args.dtype,
                        sharding=args.sharding, activation_checkpointing=args.activation_checkpointing,
                        compile=args.compile, prefix_sharing=args.prefix_sharing, batch_size=args.pairs,
+                       reference_precision=args.reference_dtype,
                        micro_batch_size=args.pairs, max_prompt_len=args.prompt_len,
                        max_len=args.prompt_len + args.response_len)
 
@@ -350,6 +358,8 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     row = {"size": size, "impl": impl, "device": device.type, "n_layer": config.n_layer, "n_head": config.n_head,
            "n_embd": config.n_embd, "n_params": sum(p.numel() for p in policy.parameters()), "world_size": world,
            "sharding": args.sharding if impl == "ours" else "none", "precision": args.dtype,
+           "reference_precision": (args.dtype if impl == "transformers" or args.reference_dtype == "same"
+                                   else args.reference_dtype),
            "prefix_sharing": args.prefix_sharing and impl == "ours", "tokens_per_step": tokens_per_step,
            **timing_fields(times, tokens_per_step, world * step_flops(config, *model_shape(args, impl))),
            "loss_first": losses[0], "loss_last": losses[-1], "rss_before_model_bytes": rss_before_model}

@@ -1,6 +1,7 @@
 """fsdp_train.py end to end, on CPU/gloo, against independent references: a single process without
 FSDP, one batch without accumulation, an uninterrupted run, transformers on the exported model."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -123,6 +124,19 @@ def test_stop_and_resume_is_bitwise_equal_to_uninterrupted(single, tmp_path):
 def test_memory_and_precision_options_keep_the_losses(single, tmp_path, extra, rel):
     run_python(tmp_path, *extra)
     assert_same_losses(train_losses(tmp_path), train_losses(single), rel=rel)
+
+
+@pytest.mark.parametrize("sharding", ["none", "full"])
+def test_bf16_reference_under_fp32_training_stays_close(single, tmp_path, sharding):
+    """reference_precision=bf16: at step 0 the policy equals the reference, so with an fp32
+    reference the loss is exactly log 2; a bf16 reference's log-probs carry rounding, so the loss
+    moves off log 2 a little, and the run stays close to the fp32 one."""
+    result = run_python(tmp_path, f"--sharding={sharding}", "--reference_precision=bf16")
+    assert "reference in bf16" in result.stdout
+    losses, fp32_losses = train_losses(tmp_path), train_losses(single)
+    assert fp32_losses[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert 1e-7 < abs(losses[0] - math.log(2)) < 1e-2, losses[0]
+    assert_same_losses(losses, fp32_losses, rel=3e-2)
 
 
 def test_group_order_packs_a_prompts_pairs_without_changing_their_losses(tmp_path):
