@@ -284,11 +284,12 @@ class GPT(nn.Module):
         tokens, step_input = input_ids, input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self(step_input, attention_mask=token_mask, kv_cache=kv_cache)
-            else:
-                logits = self(tokens, attention_mask=token_mask)
-            next_token = sample_next_token(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            model_input = step_input if use_cache else tokens
+            last_positions = torch.arange(1, B + 1, device=device) * model_input.size(1) - 1  # flat (B,)
+            # logits only at each row's last position: the prompt's other positions need none
+            logits = self(model_input, attention_mask=token_mask, kv_cache=kv_cache if use_cache else None,
+                          logits_at=last_positions)  # (B, V)
+            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
                 finished |= next_token == eos_id
