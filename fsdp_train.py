@@ -140,8 +140,13 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
     return config, state_dict
 
 
+def reference_precision_name(cfg: TrainConfig) -> str:
+    """The reference model's precision, "same" resolved: "fp32" under precision=fp32 either way."""
+    return cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision
+
+
 def reference_dtype(cfg: TrainConfig):
-    return DTYPES[cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision]
+    return DTYPES[reference_precision_name(cfg)]
 
 
 def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
@@ -330,10 +335,14 @@ def main(argv=None):
     log(f"data: {json.dumps(counts)}")
 
     identity = {k: getattr(cfg, k) for k in RUN_IDENTITY_KEYS}
+    identity["reference_precision"] = reference_precision_name(cfg)  # "same" and its dtype are one run
     checkpoints = checkpoint.complete_checkpoints(cfg.out_dir)
     if checkpoints:
         with open(os.path.join(checkpoints[-1][1], "train_state.json")) as f:
-            checkpoint.check_compatible(checkpoints[-1][1], json.load(f)["identity"], identity)
+            saved_identity = json.load(f)["identity"]
+        # checkpoints from before reference_precision existed kept the reference in the training precision
+        saved_identity.setdefault("reference_precision", saved_identity.get("precision"))
+        checkpoint.check_compatible(checkpoints[-1][1], saved_identity, identity)
 
     config, full_state = initial_weights(cfg, rank, device)
     policy = build_model(config, full_state, cfg, mesh, device, trainable=True)
@@ -344,7 +353,8 @@ def main(argv=None):
     scaler = LossScaler(enabled=cfg.precision == "fp16")
     log(f"model: {policy.num_params() / 1e6:.1f}M parameters, {world} rank(s), sharding={cfg.sharding}, "
         f"precision={cfg.precision}, device={device.type}"
-        + (f", reference in {cfg.reference_precision}" if reference is not None and cfg.reference_precision != "same" else ""))
+        + (f", reference in {reference_precision_name(cfg)}"
+           if reference is not None and reference_precision_name(cfg) != cfg.precision else ""))
 
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs

@@ -188,8 +188,8 @@ def step_flops(config: GPTConfig, n_rows, row_len, head_rows):
         model = GPT(config)
     last = model.transformer.h[-1]
     n_tail = sum(p.numel() for m in (last.ln_2, last.mlp, model.transformer.ln_f) for p in m.parameters())
-    n_body = sum(p.numel() for p in model.transformer.h.parameters()) - n_tail + sum(
-        p.numel() for p in model.transformer.ln_f.parameters())
+    n_body = sum(p.numel() for p in model.transformer.h.parameters()) - sum(  # all but the last ln_2 + MLP
+        p.numel() for m in (last.ln_2, last.mlp) for p in m.parameters())
     L, d, V = config.n_layer, config.n_embd, config.vocab_size
     tokens = n_rows * row_len
     attention = 4 * L * row_len * d  # per position, forward
