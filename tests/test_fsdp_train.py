@@ -154,6 +154,19 @@ def test_resume_accepts_the_resolved_reference_precision_and_older_checkpoints(t
     assert "at step 2" in resumed.stdout
 
 
+def test_compile_keeps_the_losses_and_every_block_compiled(single, tmp_path):
+    """compile=true (inductor per block) after the step-0 samples and eval: the same losses as eager,
+    and no block variant falls back to eager because dynamo ran out of recompiles."""
+    result = subprocess.run([sys.executable, "fsdp_train.py", *TINY, f"--out_dir={tmp_path}", "--sharding=none",
+                             "--compile=true"], cwd=ROOT, env=dict(ENV, TORCH_LOGS="recompiles"),
+                            capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "Recompiling function forward" in output  # the log is on: a limit hit would show here
+    assert "recompile_limit" not in output, output[output.index("recompile_limit") - 2000:][:3000]
+    assert_same_losses(train_losses(tmp_path), train_losses(single), rel=1e-4)
+
+
 def test_group_order_packs_a_prompts_pairs_without_changing_their_losses(tmp_path):
     """The demo's prompts have 4 pairs each; with group_order a prompt's pairs arrive together and
     share one packed row. The same order without any packing must give the same losses."""
