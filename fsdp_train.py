@@ -109,8 +109,8 @@ def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool
         # Every block shares Block.forward's compile cache, which holds one graph per variant: policy
         # with grad / policy in eval / frozen reference, each with and without the last block's `keep`,
         # static then dynamic shapes: about a dozen. Past dynamo's default of 8 it would silently run
-        # the rest eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # the rest eagerly. (Newer torch calls it recompile_limit; cache_size_limit works from 2.6 on.)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
     for i, block in enumerate(model.transformer.h):
         if cfg.activation_checkpointing and trainable:
             block = checkpoint_wrapper(block, preserve_rng_state=False)  # non-reentrant; no dropout, no RNG
