@@ -187,9 +187,9 @@ def step_flops(config: GPTConfig, n_rows, row_len, head_rows):
     with torch.device("meta"):
         model = GPT(config)
     last = model.transformer.h[-1]
-    n_tail = sum(p.numel() for m in (last.ln_2, last.mlp, model.transformer.ln_f) for p in m.parameters())
-    n_body = sum(p.numel() for p in model.transformer.h.parameters()) - sum(  # all but the last ln_2 + MLP
-        p.numel() for m in (last.ln_2, last.mlp) for p in m.parameters())
+    n_last_mlp = sum(p.numel() for m in (last.ln_2, last.mlp) for p in m.parameters())
+    n_tail = n_last_mlp + sum(p.numel() for p in model.transformer.ln_f.parameters())  # M: only at the H rows
+    n_body = sum(p.numel() for p in model.transformer.h.parameters()) - n_last_mlp  # N: at every position
     L, d, V = config.n_layer, config.n_embd, config.vocab_size
     tokens = n_rows * row_len
     attention = 4 * L * row_len * d  # per position, forward
@@ -358,8 +358,8 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     row = {"size": size, "impl": impl, "device": device.type, "n_layer": config.n_layer, "n_head": config.n_head,
            "n_embd": config.n_embd, "n_params": sum(p.numel() for p in policy.parameters()), "world_size": world,
            "sharding": args.sharding if impl == "ours" else "none", "precision": args.dtype,
-           "reference_precision": (args.dtype if impl == "transformers" or args.reference_dtype == "same"
-                                   else args.reference_dtype),
+           "reference_precision": (fsdp_train.reference_precision_name(train_config(args, size)) if impl == "ours"
+                                   else args.dtype),
            "prefix_sharing": args.prefix_sharing and impl == "ours", "tokens_per_step": tokens_per_step,
            **timing_fields(times, tokens_per_step, world * step_flops(config, *model_shape(args, impl))),
            "loss_first": losses[0], "loss_last": losses[-1], "rss_before_model_bytes": rss_before_model}
