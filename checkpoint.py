@@ -24,6 +24,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from errors import CheckpointError
+from parallel import on_rank0
+
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -57,69 +60,48 @@ def remove_partial_checkpoints(out_dir, log=print):
             shutil.rmtree(os.path.join(root, name), ignore_errors=False)
 
 
-def broadcast_json(obj, device):
-    """Rank 0's JSON-able object on every rank, sent as UTF-8 bytes (no pickling)."""
-    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
-    size = torch.tensor([len(data)], device=device)
-    dist.broadcast(size, src=0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    if dist.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
-    return json.loads(bytes(buffer.cpu().tolist()).decode())
-
-
-def on_rank0(write, device, what):
-    """Collective: rank 0 runs write(); if it fails (disk full, permissions), every rank raises the
-    same error, instead of the others waiting forever in their next collective."""
-    problem = None
-    if dist.get_rank() == 0:
-        try:
-            write()
-        except OSError as err:
-            problem = f"could not {what}: {err}"
-    problem = broadcast_json(problem, device)
-    if problem:
-        raise RuntimeError(problem)
-
-
 def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: int, device):
     """Collective: every rank calls it. train_state is JSON (step, data position, loss scale...)."""
     root = checkpoint_root(out_dir)
     final = os.path.join(root, f"step_{step:06d}")
     tmp = os.path.join(root, f".tmp_step_{step:06d}")
-
-    def make_tmp():
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-
-    def finalize():
-        if os.environ.get("GPT2_DPO_FAULT") == f"kill_during_save:{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
-        files = {name: file_fingerprint(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(dict(train_state, files=files), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        replaced = os.path.join(root, f".old_step_{step:06d}")
-        if os.path.isdir(final):  # the same step saved again after a resume: move it aside, never delete first
-            os.rename(final, replaced)
-        os.rename(tmp, final)
-        if os.path.isdir(replaced):
-            shutil.rmtree(replaced)
-        for _, old in complete_checkpoints(out_dir)[:-keep]:
-            shutil.rmtree(old)
-
-    on_rank0(make_tmp, device, f"create {tmp}")
+    on_rank0(make_empty_dir, device, f"create {tmp}", tmp)
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
     except Exception as err:  # DCP gathers every rank's write errors (disk full...) and raises on all
         raise RuntimeError(f"could not write checkpoint {tmp} ({type(err).__name__}: {err}); the last "
                            "complete checkpoint is untouched") from err
-    on_rank0(finalize, device, f"complete checkpoint {final}")
+    on_rank0(complete_checkpoint, device, f"complete checkpoint {final}", out_dir, step, train_state, keep)
     return final
+
+
+def make_empty_dir(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    os.makedirs(path)
+
+
+def complete_checkpoint(out_dir, step, train_state: dict, keep: int):
+    """Rank 0, after every rank's shards are written: train_state.json with every file's size and
+    sha256, then the rename that makes the checkpoint visible; then old ones are deleted."""
+    root = checkpoint_root(out_dir)
+    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
+    if os.environ.get("GPT2_DPO_FAULT") == f"kill_during_save:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    files = {name: file_fingerprint(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump(dict(train_state, files=files), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    replaced = os.path.join(root, f".old_step_{step:06d}")
+    if os.path.isdir(final):  # the same step saved again after a resume: move it aside, never delete first
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    if os.path.isdir(replaced):
+        shutil.rmtree(replaced)
+    for _, old in complete_checkpoints(out_dir)[:-keep]:
+        shutil.rmtree(old)
 
 
 def file_fingerprint(path):
@@ -132,7 +114,7 @@ def file_fingerprint(path):
 
 def verify_files(path) -> str | None:
     """None if every file listed in train_state.json is there with its size and sha256; else what
-    differs, naming the file."""
+    differs, naming the file (resume_problem turns it into an error)."""
     with open(os.path.join(path, "train_state.json")) as f:
         expected = json.load(f).get("files", {})
     for name, (size, digest) in expected.items():
@@ -163,11 +145,16 @@ def load_checkpoint(path, model, optimizer) -> dict:
     return train_state
 
 
-def check_compatible(path, train_state: dict, expected: dict):
-    """Refuse a checkpoint whose model shape or data differ from this run's, naming what differs."""
-    differs = [f"{key}: checkpoint {train_state.get(key)!r} vs this run {value!r}"
-               for key, value in expected.items() if train_state.get(key) != value]
+def check_compatible(path, expected: dict):
+    """Refuse a checkpoint whose run identity (model shape, data, objective...) differs from this
+    run's, naming what differs."""
+    with open(os.path.join(path, "train_state.json")) as f:
+        saved = json.load(f)["identity"]
+    # checkpoints from before reference_precision existed kept the reference in the training precision
+    saved.setdefault("reference_precision", saved.get("precision"))
+    differs = [f"{key}: checkpoint {saved.get(key)!r} vs this run {value!r}"
+               for key, value in expected.items() if saved.get(key) != value]
     if differs:
-        raise ValueError(f"{path}: checkpoint does not match this run's config: " + "; ".join(differs) +
+        raise CheckpointError(f"{path}: checkpoint does not match this run's config: " + "; ".join(differs) +
                          ". Use another out_dir to start a new run.")
 

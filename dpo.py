@@ -12,6 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from data.batches import PackedBatch, PairBatch
+from errors import ConfigError
+
 # --- log-probs
 
 LOGSUMEXP_CHUNK = 1024  # rows of (rows, vocab) logits upcast to fp32 at a time
@@ -76,34 +79,51 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
     return logps
 
 
-def shared_prompt_logps(model, batch, average=False):
+def shared_prompt_logps(model, batch: PackedBatch, average=False):
     """(2B,) chosen-then-rejected log-probs from a batch of collate_pairs_shared_prompt: one packed
     row per prompt, [prompt | response | ...], the prompt computed once for all its responses."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                   logits_at=batch["predictor_index"])  # (N, V)
-    per_token = token_logps(logits, batch["target_ids"])  # (N,)
-    slot_lengths = batch["slot_lengths"]
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   logits_at=batch.predictor_index)  # (N, V)
+    per_token = token_logps(logits, batch.target_ids)  # (N,)
+    slot_lengths = batch.slot_lengths
     slot_logps = torch.zeros(slot_lengths.size(0), dtype=torch.float32, device=per_token.device)
-    slot_logps = slot_logps.index_add(0, batch["target_slot"], per_token)  # (S,): one per distinct response
+    slot_logps = slot_logps.index_add(0, batch.target_slot, per_token)  # (S,): one per distinct response
     if average:
         slot_logps = slot_logps / slot_lengths
-    return torch.cat([slot_logps[batch["chosen_slot"]], slot_logps[batch["rejected_slot"]]])  # (2B,)
+    return torch.cat([slot_logps[batch.chosen_slot], slot_logps[batch.rejected_slot]])  # (2B,)
 
 
-def concatenated_logps(model, batch, average=False):
+def concatenated_logps(model, batch: PairBatch | PackedBatch, average=False):
     """Chosen and rejected log-probs, (B,) each, from ONE forward pass: one all-gather of each FSDP
-    unit instead of two. The batch is either collate_pairs' 2B rows (0..B-1 chosen, B..2B-1
-    rejected) or collate_pairs_shared_prompt's B packed rows (the prompt runs once)."""
-    if "predictor_index" in batch:
+    unit instead of two. The batch is either a PairBatch, 2B rows (0..B-1 chosen, B..2B-1
+    rejected), or a PackedBatch, one row per prompt (the prompt runs once)."""
+    if isinstance(batch, PackedBatch):
         logps = shared_prompt_logps(model, batch, average=average)
+    elif isinstance(batch, PairBatch):
+        logps = response_logps(model, batch.input_ids, batch.response_mask, average=average)
     else:
-        logps = response_logps(model, batch["input_ids"], batch["response_mask"], average=average)
+        raise TypeError(f"concatenated_logps: expected a PairBatch or a PackedBatch, got {type(batch).__name__}")
     n_pairs = logps.size(0) // 2
     return logps[:n_pairs], logps[n_pairs:]
 
 # --- losses
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge")
+
+
+def check_loss_settings(beta, loss_type, label_smoothing):
+    """The loss settings' rules, here and in the trainer's config check (one message each)."""
+    if loss_type not in LOSS_TYPES:
+        raise ConfigError(f"unknown loss_type {loss_type!r}; valid loss types are {', '.join(LOSS_TYPES)}")
+    if not (math.isfinite(float(beta)) and float(beta) > 0):
+        raise ConfigError(f"beta must be a finite number > 0, got {beta!r}; it is the KL penalty strength "
+                          "(DPO papers use 0.1 to 0.5)")
+    if not 0.0 <= float(label_smoothing) < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}; it is the assumed "
+                          "probability that a preference label is flipped (0 = labels are trusted)")
+    if label_smoothing > 0 and loss_type in ("ipo", "hinge"):
+        raise ConfigError(f"label_smoothing={label_smoothing!r} is not defined for loss_type {loss_type!r}; "
+                          "it only applies to 'sigmoid' (cDPO) and 'robust'. Set label_smoothing=0")
 
 
 def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -132,18 +152,7 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
     implicit DPO rewards beta * (policy - reference) log-probs, detached: they are for logging.
     Everything is computed in fp32 even for bf16/fp16 inputs; gradients flow back to the inputs.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are {', '.join(LOSS_TYPES)}")
-    if not (math.isfinite(float(beta)) and float(beta) > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}; it is the KL penalty strength "
-                         "(DPO papers use 0.1 to 0.5)")
-    if not 0.0 <= float(label_smoothing) < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}; it is the assumed "
-                         "probability that a preference label is flipped (0 = labels are trusted)")
-    if label_smoothing > 0 and loss_type in ("ipo", "hinge"):
-        raise ValueError(f"label_smoothing={label_smoothing!r} is not defined for loss_type {loss_type!r}; "
-                         "it only applies to 'sigmoid' (cDPO) and 'robust'. Set label_smoothing=0")
-
+    check_loss_settings(beta, loss_type, label_smoothing)
     named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps}
     if not reference_free:
         named |= {"reference_chosen_logps": reference_chosen_logps,

@@ -1,35 +1,16 @@
-"""Running a model over data without training it: held-out evaluation with the KL estimate, the
-before/after samples, and the batches a config asks for. Used by fsdp_train.py; every function
-here is collective under FSDP (all ranks call it with the same arguments)."""
+"""Running a model over data without training it: held-out evaluation with the KL estimate and
+the before/after samples. Used by fsdp_train.py; every function here is collective under FSDP (all
+ranks call it with the same arguments)."""
 import math
 
 import torch
 import torch.distributed as dist
 
-from data.batches import collate_pairs, collate_pairs_shared_prompt, left_pad
+from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
+from train_config import logps_average, shares_prompt
 
-
-# ----------------------------------------------------------------------------- batches
-
-def logps_average(cfg):
-    return cfg.logps == "mean" or (cfg.logps == "auto" and cfg.loss_type == "ipo")
-
-
-def collate(pairs, cfg):
-    """Pairs -> the tensors of one forward: packed rows with a shared prompt for DPO (unless
-    prefix_sharing is off), separate chosen and rejected rows for SFT, which reads only the chosen."""
-    if cfg.prefix_sharing and cfg.objective == "dpo":
-        return collate_pairs_shared_prompt(pairs)
-    return collate_pairs(pairs)
-
-
-def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- evaluation and samples
 
 def map_pairs(pairs, fn, cfg, rank, world, device):
     """fn(batch) -> (B, k) tensor, over all pairs split across ranks; (len(pairs), k) on every rank
@@ -41,7 +22,7 @@ def map_pairs(pairs, fn, cfg, rank, world, device):
     outputs = []
     for start in range(0, per_rank, cfg.micro_batch_size):
         chunk = indices[start:start + cfg.micro_batch_size]
-        batch = to_device(collate([pairs[i] for i in chunk], cfg), device)
+        batch = collate([pairs[i] for i in chunk], shares_prompt(cfg)).to(device)
         outputs.append(fn(batch).float())
     local = torch.cat(outputs)
     gathered = [torch.empty_like(local) for _ in range(world)]

@@ -18,6 +18,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+
+class WeightsError(ValueError):
+    """Weights or config.json that cannot be loaded (missing, corrupt, another model); the message
+    names the file. Its own type, so a trainer can tell bad input from a bug."""
+
+
 EOT_ID = 50256  # <|endoftext|>, GPT-2's end-of-text token
 
 
@@ -54,15 +60,15 @@ class GPTConfig:
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
         """Read a transformers GPT2Config dict; refuse what this model does not implement."""
         if hf.get("model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{source}: model_type={hf.get('model_type')!r}, expected 'gpt2'")
+            raise WeightsError(f"{source}: model_type={hf.get('model_type')!r}, expected 'gpt2'")
         if hf.get("add_cross_attention", False):
-            raise ValueError(f"{source}: add_cross_attention=true is not supported (decoder-only GPT-2 only)")
+            raise WeightsError(f"{source}: add_cross_attention=true is not supported (decoder-only GPT-2 only)")
         if not hf.get("tie_word_embeddings", True):
-            raise ValueError(f"{source}: tie_word_embeddings=false is not supported; GPT-2 ties lm_head to wte")
+            raise WeightsError(f"{source}: tie_word_embeddings=false is not supported; GPT-2 ties lm_head to wte")
         known = {f.name for f in fields(cls)}
         missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in hf]
         if missing:
-            raise ValueError(f"{source}: missing keys {missing}; is this a GPT-2 config.json?")
+            raise WeightsError(f"{source}: missing keys {missing}; is this a GPT-2 config.json?")
         return cls(**{k: v for k, v in hf.items() if k in known})
 
     def to_hf_dict(self) -> dict:
@@ -371,13 +377,13 @@ def resolve_checkpoint_dir(name_or_dir: str, revision=None, cache_dir=None) -> s
     if os.path.isdir(name_or_dir):
         return name_or_dir
     if name_or_dir.startswith(("/", ".", "~")) or name_or_dir.count("/") > 1:  # a path, not "org/name"
-        raise FileNotFoundError(f"{name_or_dir}: no such directory (and not a hub id like 'gpt2' or 'org/name')")
+        raise WeightsError(f"{name_or_dir}: no such directory (and not a hub id like 'gpt2' or 'org/name')")
     from huggingface_hub import snapshot_download  # imported here: local loading needs no hub client
     repo_id = name_or_dir if "/" in name_or_dir else f"openai-community/{name_or_dir}"
     try:
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=WEIGHT_PATTERNS)
     except Exception as err:  # offline, unknown repo, gated repo...: say which and how to fix it
-        raise RuntimeError(
+        raise WeightsError(
             f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
             f"{type(err).__name__}: {err}\nOffline? Download it once on a connected machine "
             f"(hf download {repo_id}) and set HF_HUB_OFFLINE=1, or pass a local directory "
@@ -388,13 +394,13 @@ def resolve_checkpoint_dir(name_or_dir: str, revision=None, cache_dir=None) -> s
 def read_hf_config(path: str) -> GPTConfig:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path}: missing; a GPT-2 checkpoint directory needs config.json "
+        raise WeightsError(f"{config_path}: missing; a GPT-2 checkpoint directory needs config.json "
                                 "next to model.safetensors")
     try:
         with open(config_path) as f:
             hf = json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+        raise WeightsError(f"{config_path}: not valid JSON ({err})") from err
     return GPTConfig.from_hf_dict(hf, source=config_path)
 
 
@@ -408,7 +414,7 @@ def weight_files(path: str) -> list[str]:
             shard_names = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(path, name) for name in shard_names]
     found = sorted(os.listdir(path))
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
+    raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
                             "only safetensors weights are loaded (pytorch_model.bin would need unpickling)")
 
 
@@ -433,7 +439,7 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
         try:
             handle = safe_open(file, framework="pt", device="cpu")
         except Exception as err:  # safetensors raises its own error type for truncated/corrupt files
-            raise ValueError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}); "
+            raise WeightsError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}); "
                              "it may be truncated or corrupt: download it again") from err
         with handle:
             for key in handle.keys():
@@ -456,7 +462,7 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
             if keys:
                 problems.append(f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        raise ValueError(f"{path}: weights do not match config.json (n_layer={config.n_layer}, "
+        raise WeightsError(f"{path}: weights do not match config.json (n_layer={config.n_layer}, "
                          f"n_embd={config.n_embd}, vocab_size={config.vocab_size}): " + "; ".join(problems))
     return state_dict
 

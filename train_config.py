@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from data.batches import check_batch_sizes, check_eval_fraction, check_lengths
 from data.formats import KINDS
-from dpo import LOSS_TYPES
+from dpo import LOSS_TYPES, check_loss_settings
+from errors import ConfigError
+from gpt2 import GPTConfig
 
 
 def option(default, help):
@@ -110,10 +113,6 @@ NON_NEGATIVE = ("max_records", "warmup_steps", "max_steps", "grad_clip", "max_ba
                 "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature", "label_smoothing")
 
 
-class ConfigError(ValueError):
-    pass
-
-
 def field_types():
     return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
@@ -163,31 +162,27 @@ def validate(cfg: TrainConfig):
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta must be > 0, got {cfg.beta}")
-    if not cfg.label_smoothing < 0.5:
-        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
-    if cfg.max_prompt_len >= cfg.max_len:
-        raise ConfigError(f"max_prompt_len ({cfg.max_prompt_len}) must be < max_len ({cfg.max_len}) so every "
-                          "response keeps at least one token")
-    if cfg.batch_size % cfg.micro_batch_size:
-        raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of micro_batch_size "
-                          f"({cfg.micro_batch_size})")
+    # the rules that live with the code they protect, in the same words
+    check_loss_settings(cfg.beta, cfg.loss_type, cfg.label_smoothing)
+    check_eval_fraction(cfg.eval_fraction)
+    check_lengths(cfg.max_prompt_len, cfg.max_len)
+    check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, world_size=1)  # again with the world size at start
+    if cfg.init_from == "scratch":
+        try:
+            GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
+        except ValueError as err:  # GPTConfig's own checks (n_embd divisible by n_head)
+            raise ConfigError(str(err)) from err
     if cfg.dataset != "demo" and not cfg.data_path:
         raise ConfigError(f"dataset={cfg.dataset} needs data_path (the file to read)")
     if cfg.dataset == "jsonl" or cfg.dataset == "hh" or (cfg.dataset == "lm_human_preferences" and
                                                           cfg.data_path not in ("sentiment", "descriptiveness")):
         if not os.path.isfile(cfg.data_path):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
-    if cfg.label_smoothing > 0 and cfg.loss_type in ("ipo", "hinge"):
-        raise ConfigError(f"label_smoothing={cfg.label_smoothing} applies to loss_type sigmoid (cDPO) and robust "
-                          f"only, not {cfg.loss_type}; set label_smoothing=0")
     if cfg.precompute_reference and cfg.reference_free:
         raise ConfigError("precompute_reference and reference_free exclude each other")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError(f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
+    if cfg.sharding == "none" and cfg.precision != "fp32":
+        raise ConfigError(f"sharding=none trains in fp32 only: mixed precision ({cfg.precision}) comes from FSDP's "
+                          "MixedPrecisionPolicy. Use sharding=full, which also runs as one process")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -229,6 +224,17 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+def logps_average(cfg: TrainConfig) -> bool:
+    """Length-averaged sequence log-probs (IPO's) rather than summed ones (DPO's)."""
+    return cfg.logps == "mean" or (cfg.logps == "auto" and cfg.loss_type == "ipo")
+
+
+def shares_prompt(cfg: TrainConfig) -> bool:
+    """Whether batches are packed by prompt (PackedBatch): DPO with prefix_sharing; SFT reads only
+    the chosen rows of a PairBatch."""
+    return cfg.prefix_sharing and cfg.objective == "dpo"
 
 
 def dump_config(cfg: TrainConfig) -> str:

@@ -19,9 +19,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fsdp_train  # noqa: E402
-from data.batches import pairs_of  # noqa: E402
+from data.batches import collate, pairs_of  # noqa: E402
 from data.formats import PreferenceGroup  # noqa: E402
-from evaluation import collate, to_device  # noqa: E402
+from parallel import build_training_state  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 
 
@@ -31,11 +31,7 @@ def main():
     cfg = TrainConfig(init_from="scratch", n_layer=12, n_head=12, n_embd=768, n_positions=1024, precision="fp32",
                       sharding="none", device="cpu", micro_batch_size=9, batch_size=9)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    config, full_state = fsdp_train.initial_weights(cfg, 0, device)
-    policy = fsdp_train.build_model(config, full_state, cfg, None, device, trainable=True)
-    reference = fsdp_train.build_model(config, full_state, cfg, None, device, trainable=False)
-    optimizer = fsdp_train.make_optimizer(policy, cfg)
-    scaler = fsdp_train.LossScaler(enabled=False)
+    state = build_training_state(cfg, 0, device, mesh=None)
 
     gen = torch.Generator().manual_seed(0)
     tokens = lambda n: torch.randint(0, 50256, (n,), generator=gen).tolist()  # noqa: E731
@@ -48,13 +44,13 @@ def main():
     for name, batch_pairs, run_cfg in (("group_order + prefix sharing", grouped, cfg),
                                        ("random order + prefix sharing", scattered, cfg),
                                        ("no prefix sharing", scattered, no_sharing)):
-        batch = to_device(collate(batch_pairs, run_cfg), device)
+        batch = collate(batch_pairs, share_prompt=run_cfg.prefix_sharing).to(device)
         step_s = []
         for _ in range(6):
             start = time.perf_counter()
-            fsdp_train.train_step(policy, reference, optimizer, [batch], run_cfg, 1e-5, scaler)
+            fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch], run_cfg, 1e-5, state.scaler)
             step_s.append(time.perf_counter() - start)
-        print(f"{name}: rows x positions {tuple(batch['input_ids'].shape)}, step median "
+        print(f"{name}: rows x positions {tuple(batch.input_ids.shape)}, step median "
               f"{statistics.median(step_s[1:]) * 1000:.0f} ms over 5 steps after 1 warm-up "
               f"(9 pairs = {9 * 2 * 88} tokens as if run separately)", flush=True)
     dist.destroy_process_group()

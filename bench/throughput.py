@@ -50,9 +50,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import evaluation  # noqa: E402
 import fsdp_train  # noqa: E402
-from data.batches import Pair, collate_pairs  # noqa: E402
+import parallel  # noqa: E402
+from data.batches import Pair, collate, collate_pairs  # noqa: E402
+from optim import lr_at  # noqa: E402
 from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 from bench.report import write_results  # noqa: E402
@@ -163,10 +164,10 @@ def make_batch(args, impl, seed):
     def tokens(n):  # ids below EOT_ID (50256, the last id and the pad): any ordinary GPT-2 token
         return torch.randint(0, EOT_ID, (n,), generator=generator).tolist()
 
-    pairs = [Pair(tokens(args.prompt_len), tokens(args.response_len), tokens(args.response_len), group_index=i)
-             for i in range(args.pairs)]
+    pairs = [Pair(tokens(args.prompt_len), tokens(args.response_len), tokens(args.response_len), group_index=i,
+                  chosen_index=0, rejected_index=1) for i in range(args.pairs)]
     if impl == "ours":
-        return evaluation.collate(pairs, TrainConfig(prefix_sharing=args.prefix_sharing))
+        return collate(pairs, share_prompt=args.prefix_sharing)
     return collate_pairs(pairs)  # input_ids, attention_mask, response_mask: (2B, T)
 
 
@@ -256,18 +257,14 @@ def train_config(args, size):
 def build_ours(args, size, rank, device, mesh):
     """The trainer's own models, optimizer and step; nothing of it is re-implemented here."""
     cfg = train_config(args, size)
-    config, full_state = fsdp_train.initial_weights(cfg, rank, device)
-    policy = fsdp_train.build_model(config, full_state, cfg, mesh, device, trainable=True)
-    reference = fsdp_train.build_model(config, full_state, cfg, mesh, device, trainable=False)
-    del full_state
-    optimizer = fsdp_train.make_optimizer(policy, cfg)
-    scaler = fsdp_train.LossScaler(enabled=cfg.precision == "fp16")
-    lr = fsdp_train.lr_at(0, 1, cfg)
+    state = parallel.build_training_state(cfg, rank, device, mesh)
+    lr = lr_at(0, 1, cfg)
 
     def step(batch):
-        metrics, _, _ = fsdp_train.train_step(policy, reference, optimizer, [batch], cfg, lr, scaler)
+        metrics, _, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch], cfg, lr,
+                                              state.scaler)
         return metrics["loss"]
-    return step, policy, reference, optimizer
+    return step, state.policy, state.reference, state.optimizer
 
 
 def build_transformers(args, size, device):
@@ -291,13 +288,13 @@ def build_transformers(args, size, device):
 
     def sequence_logps(model, batch):
         with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (2B, T, V)
         logps = logits[:, :-1].float().log_softmax(-1)  # (2B, T-1, V) fp32
-        token_logps = logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)  # (2B, T-1)
-        return (token_logps * batch["response_mask"][:, 1:]).sum(-1)  # (2B,)
+        token_logps = logps.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # (2B, T-1)
+        return (token_logps * batch.response_mask[:, 1:]).sum(-1)  # (2B,)
 
     def step(batch):
-        n_pairs = batch["input_ids"].size(0) // 2
+        n_pairs = batch.input_ids.size(0) // 2
         policy_logps = sequence_logps(policy_fn, batch)
         with torch.no_grad():
             reference_logps = sequence_logps(reference_fn, batch)
@@ -347,7 +344,7 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
         step, policy, reference, optimizer = build_ours(args, size, rank, device, mesh)
     else:
         step, policy, reference, optimizer = build_transformers(args, size, device)
-    batch = evaluation.to_device(make_batch(args, impl, seed=args.seed + rank), device)
+    batch = make_batch(args, impl, seed=args.seed + rank).to(device)
     grad_bytes = []  # read just before AdamW runs: train_step frees the gradients after it
     hook = optimizer.register_step_pre_hook(lambda *_: grad_bytes.append(
         local_bytes(p.grad for p in policy.parameters() if p.grad is not None)))
@@ -358,7 +355,7 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     row = {"size": size, "impl": impl, "device": device.type, "n_layer": config.n_layer, "n_head": config.n_head,
            "n_embd": config.n_embd, "n_params": sum(p.numel() for p in policy.parameters()), "world_size": world,
            "sharding": args.sharding if impl == "ours" else "none", "precision": args.dtype,
-           "reference_precision": (fsdp_train.reference_precision_name(train_config(args, size)) if impl == "ours"
+           "reference_precision": (parallel.reference_precision_name(train_config(args, size)) if impl == "ours"
                                    else args.dtype),
            "prefix_sharing": args.prefix_sharing and impl == "ours", "tokens_per_step": tokens_per_step,
            **timing_fields(times, tokens_per_step, world * step_flops(config, *model_shape(args, impl))),
@@ -376,7 +373,7 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     row["train_state_bytes"] = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
     del step, policy, reference, optimizer, batch
     gc.collect()
-    peak_dtype = torch.bfloat16 if device.type == "cuda" else fsdp_train.DTYPES[args.dtype]
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else parallel.DTYPES[args.dtype]
     row["matmul_peak_flops_per_s"] = matmul_peak_flops_per_s(device, peak_dtype) if rank == 0 else None
     row["matmul_peak_dtype"] = str(peak_dtype).removeprefix("torch.")
     row["mfu"] = None  # set by the caller on CUDA, against the best bf16 rate of the run
@@ -404,7 +401,7 @@ def run_worker(args):
         import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     if impl == "ours":  # the trainer's own set-up: a one-process group (gloo / nccl), a mesh when sharded
         cfg = train_config(args, size)
-        rank, _, device, mesh = fsdp_train.setup_distributed(cfg)
+        rank, _, device, mesh = parallel.setup_distributed(cfg)
     row = measure(args, size, impl, rank, 1, device, mesh)
     row["device_name"], row["sources_sha1"] = device_name(device), SOURCES_SHA1
     if dist.is_initialized():
@@ -439,7 +436,7 @@ def run_distributed(args):
     """Under torchrun: ours with FSDP over all ranks, every size in this process (rank 0 reports).
     With --fsdp_memory the rows also carry each rank's bytes (gathered to rank 0)."""
     set_threads(args)
-    rank, world, device, mesh = fsdp_train.setup_distributed(train_config(args, args.sizes[0]))
+    rank, world, device, mesh = parallel.setup_distributed(train_config(args, args.sizes[0]))
     rows = []
     for size in args.sizes:
         row = measure(args, size, "ours", rank, world, device, mesh)

@@ -3,13 +3,36 @@
 Everything here is a pure function of its arguments and seeds: no global RNG state is read or
 touched, so every rank and every rerun sees the same split, the same order and the same batches.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
 from data.formats import PreferenceGroup
 from data.tokenizer import EOT_ID
+from errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- the rules on sizes
+# Each is checked here, where it matters, and by the trainer's config check (train_config.validate)
+# before anything runs: one rule, one message.
+
+def check_lengths(max_prompt_len: int, max_len: int):
+    if not 1 <= max_prompt_len < max_len:
+        raise ConfigError(f"max_prompt_len ({max_prompt_len}) must be >= 1 and < max_len ({max_len}) so every "
+                          "response keeps at least one token")
+
+
+def check_eval_fraction(eval_fraction: float):
+    if not 0 <= eval_fraction < 1:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+
+
+def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int):
+    """Each rank takes batch_size / world_size pairs of a global batch, in micro-batches."""
+    if batch_size % (micro_batch_size * world_size):
+        raise ConfigError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size}) "
+                          f"x world size ({world_size})")
 
 
 def truncate_groups(groups: list[PreferenceGroup], max_prompt_len: int, max_len: int):
@@ -20,9 +43,7 @@ def truncate_groups(groups: list[PreferenceGroup], max_prompt_len: int, max_len:
     first max_len - len(prompt) tokens. A pair whose response ends up empty (nothing left to score)
     is dropped and counted; groups left with no pairs are removed.
     """
-    if not 1 <= max_prompt_len < max_len:
-        raise ValueError(f"truncate_groups: need 1 <= max_prompt_len < max_len so every response keeps at least "
-                         f"one token, got max_prompt_len={max_prompt_len}, max_len={max_len}")
+    check_lengths(max_prompt_len, max_len)
     kept_groups, dropped_empty = [], 0
     for group in groups:
         prompt = group.prompt[-max_prompt_len:]
@@ -40,8 +61,7 @@ def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int)
     A seeded permutation picks round(eval_fraction * n) eval groups, at least 1 when eval_fraction > 0
     and there are >= 2 groups, and always leaving >= 1 train group. Both keep the input order.
     """
-    if not 0 <= eval_fraction < 1:
-        raise ValueError(f"split_groups: eval_fraction must be in [0, 1), got {eval_fraction}")
+    check_eval_fraction(eval_fraction)
     n_groups = len(groups)
     n_eval = round(eval_fraction * n_groups)
     if eval_fraction > 0 and n_groups >= 2:
@@ -59,8 +79,8 @@ class Pair:
     chosen: list[int]
     rejected: list[int]
     group_index: int  # index into the groups list this pair came from
-    chosen_index: int = 0  # the responses' indices within their group: pairs of one group that name
-    rejected_index: int = 1  # the same response share it when packed (collate_pairs_shared_prompt)
+    chosen_index: int  # the responses' indices within their group: pairs of one group that name the
+    rejected_index: int  # same response share its slot when packed (collate_pairs_shared_prompt)
 
 
 def pairs_of(groups: list[PreferenceGroup]) -> list[Pair]:
@@ -92,14 +112,49 @@ def rank_slice(items: list, rank: int, world_size: int) -> list:
     """The contiguous part of one global batch that `rank` takes; the ranks' parts partition it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank_slice: rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
-    if len(items) % world_size != 0:
-        raise ValueError(f"rank_slice: a global batch of {len(items)} cannot be split evenly over {world_size} "
-                         f"ranks; make the global batch size a multiple of the world size")
+    check_batch_sizes(len(items), 1, world_size)
     per_rank = len(items) // world_size
     return items[rank * per_rank:(rank + 1) * per_rank]
 
 
-def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------- batches: two layouts
+
+class _Tensors:
+    def to(self, device):
+        """The same batch with every tensor on `device`."""
+        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+@dataclass
+class PairBatch(_Tensors):
+    """B pairs as 2B right-padded rows: 0..B-1 prompt + chosen, B..2B-1 prompt + rejected."""
+    input_ids: torch.Tensor  # (2B, T) long
+    attention_mask: torch.Tensor  # (2B, T) bool, True on real tokens
+    response_mask: torch.Tensor  # (2B, T) bool, True on the response tokens that are scored
+
+
+@dataclass
+class PackedBatch(_Tensors):
+    """B pairs packed by prompt: one row per prompt, [prompt | response | response | ...], each
+    distinct response ("slot") once; see collate_pairs_shared_prompt."""
+    input_ids: torch.Tensor  # (G, L) long, right-padded
+    position_ids: torch.Tensor  # (G, L) long: each response sits at the positions it would have alone
+    attention_mask: torch.Tensor  # (G, L, L) bool: the prompt and its own response, causally
+    target_ids: torch.Tensor  # (N,) every slot's tokens, slot after slot
+    predictor_index: torch.Tensor  # (N,) flat index into G*L of the position whose logits predict each target
+    target_slot: torch.Tensor  # (N,) in 0..S-1
+    slot_lengths: torch.Tensor  # (S,)
+    chosen_slot: torch.Tensor  # (B,)
+    rejected_slot: torch.Tensor  # (B,)
+
+
+def collate(pairs: list[Pair], share_prompt: bool) -> PairBatch | PackedBatch:
+    """The tensors of one forward over pairs: packed rows that run each prompt once (DPO's default),
+    or separate chosen and rejected rows (prefix_sharing off, and SFT, which reads only the chosen)."""
+    return collate_pairs_shared_prompt(pairs) if share_prompt else collate_pairs(pairs)
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> PairBatch:
     """Pairs to the tensors of ONE forward pass over chosen and rejected together.
 
     Rows 0..B-1 are prompt+chosen and rows B..2B-1 prompt+rejected, right-padded with pad_id to the
@@ -119,10 +174,10 @@ def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Te
         input_ids[row, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[row, :n_total] = True
         response_mask[row, n_prompt:n_total] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    return PairBatch(input_ids, attention_mask, response_mask)
 
 
-def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> dict[str, torch.Tensor]:
+def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> PackedBatch:
     """Pairs to packed rows that run each prompt once: one row per group (prompt) in the batch,
     [prompt | response | response | ...], holding each response that the batch's pairs of that
     group name, once.
@@ -133,28 +188,31 @@ def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> dict
     prompt: the prompt and its own response, causally, never a sibling response; positions restart
     after the prompt for each response, so each response sits at the positions it would have alone.
 
-    Returns, for B pairs packed into (G, L), with S distinct responses ("slots"):
-      input_ids (G, L) long, right-padded; position_ids (G, L) long;
-      attention_mask (G, L, L) bool, True where a query may attend to a key;
-      target_ids (N,) every slot's tokens, slot after slot;
-      predictor_index (N,) flat index into G*L of the position whose logits predict each target
-        (each response's first token is predicted by the prompt's last position);
-      target_slot (N,) in 0..S-1; slot_lengths (S,);
-      chosen_slot (B,), rejected_slot (B,): each pair's two responses.
+    A response's slot is keyed by (group_index, response index): two pairs that give one key
+    different tokens (hand-built pairs with wrong indices) would share a slot and get wrong
+    log-probs, so that is refused; so is a group whose pairs disagree on the prompt.
+    Each response's first token is predicted by the prompt's last position.
     """
     if not pairs:
         raise ValueError("collate_pairs_shared_prompt: got no pairs; a batch needs at least one")
-    rows, slot_of = {}, {}  # group -> (prompt, [(response_key, tokens)]); response_key -> slot
+    rows, slot_of, slot_tokens = {}, {}, {}  # group -> (prompt, [(slot, tokens)]); response key -> slot, tokens
     for pair in pairs:
         if not pair.prompt:
             raise ValueError("collate_pairs_shared_prompt: a pair has an empty prompt; the first response token "
                              "needs a prompt token to be predicted from")
         prompt, responses = rows.setdefault(pair.group_index, (pair.prompt, []))
+        if pair.prompt != prompt:
+            raise ValueError(f"collate_pairs_shared_prompt: two pairs of group {pair.group_index} have different "
+                             "prompts; pairs of one group must share their prompt")
         for index, tokens in ((pair.chosen_index, pair.chosen), (pair.rejected_index, pair.rejected)):
             key = (pair.group_index, index)
             if key not in slot_of:
                 slot_of[key] = len(slot_of)  # slots are numbered in pair order, laid out row by row
+                slot_tokens[key] = tokens
                 responses.append((slot_of[key], tokens))
+            elif slot_tokens[key] != tokens:
+                raise ValueError(f"collate_pairs_shared_prompt: two pairs of group {pair.group_index} name response "
+                                 f"{index} but hold different tokens; give each distinct response its own index")
     G = len(rows)
     L = max(len(prompt) + sum(len(r) for _, r in responses) for prompt, responses in rows.values())
     input_ids = torch.full((G, L), pad_id, dtype=torch.long)
@@ -176,17 +234,17 @@ def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> dict
             start = end
     causal = torch.ones(L, L, dtype=torch.bool).tril()
     query, key = segment[:, :, None], segment[:, None, :]
-    return {
-        "input_ids": input_ids,
-        "position_ids": position_ids,
-        "attention_mask": causal & ((key == 0) | (key == query)),  # (G, L, L): the prompt, and oneself
-        "target_ids": torch.tensor(targets, dtype=torch.long),
-        "predictor_index": torch.tensor(predictors, dtype=torch.long),
-        "target_slot": torch.tensor(target_slots, dtype=torch.long),
-        "slot_lengths": torch.tensor(slot_lengths),
-        "chosen_slot": torch.tensor([slot_of[(p.group_index, p.chosen_index)] for p in pairs]),
-        "rejected_slot": torch.tensor([slot_of[(p.group_index, p.rejected_index)] for p in pairs]),
-    }
+    return PackedBatch(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=causal & ((key == 0) | (key == query)),  # (G, L, L): the prompt, and oneself
+        target_ids=torch.tensor(targets, dtype=torch.long),
+        predictor_index=torch.tensor(predictors, dtype=torch.long),
+        target_slot=torch.tensor(target_slots, dtype=torch.long),
+        slot_lengths=torch.tensor(slot_lengths),
+        chosen_slot=torch.tensor([slot_of[(p.group_index, p.chosen_index)] for p in pairs]),
+        rejected_slot=torch.tensor([slot_of[(p.group_index, p.rejected_index)] for p in pairs]),
+    )
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = EOT_ID):

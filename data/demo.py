@@ -4,12 +4,11 @@ preferred over two negative ones, built from small word lists.
 Because the positive and negative words recur across all prompts, a tiny randomly initialised GPT-2
 trained with DPO for under a minute on CPU learns to prefer the positive words on prompts it has
 never seen.
+
+This file makes text only; data/formats.py tokenises it (`make_demo_groups`), as it does any file.
 """
 import json
 import random
-
-from data.formats import PreferenceGroup
-from data.tokenizer import encode
 
 # each template ends where an adjective fits, so every continuation below reads as English
 PROMPT_TEMPLATES = [
@@ -34,10 +33,10 @@ NEGATIVE_ENDINGS = [", I hated it.", " and I regretted it.", ", I would never re
 MAX_GROUPS = len(PROMPT_TEMPLATES) * len(SUBJECTS)  # one group per distinct prompt
 
 
-def _demo_texts(n_groups, seed):
+def demo_texts(n_groups=128, seed=0):
     """(prompt, [2 positive continuations], [2 negative continuations]) for n_groups distinct prompts."""
     if not 1 <= n_groups <= MAX_GROUPS:
-        raise ValueError(f"make_demo_groups: n_groups={n_groups}, expected 1..{MAX_GROUPS} (one group per distinct prompt)")
+        raise ValueError(f"demo_texts: n_groups={n_groups}, expected 1..{MAX_GROUPS} (one group per distinct prompt)")
     rng = random.Random(seed)  # our own generator: the global random state is left alone
     prompts = [template.format(subject) for template in PROMPT_TEMPLATES for subject in SUBJECTS]
     rng.shuffle(prompts)
@@ -50,21 +49,11 @@ def _demo_texts(n_groups, seed):
     return texts
 
 
-def make_demo_groups(n_groups=128, seed=0):
-    """n_groups groups of 4 responses (2 positive, 2 negative) with 4 pairs: each positive over each negative."""
-    groups = []
-    for index, (prompt, positives, negatives) in enumerate(_demo_texts(n_groups, seed)):
-        responses = [encode(text) for text in positives + negatives]  # indices 0, 1 positive; 2, 3 negative
-        pairs = [(0, 2), (0, 3), (1, 2), (1, 3)]
-        groups.append(PreferenceGroup(encode(prompt), responses, pairs, f"demo[{index}]"))
-    return groups
-
-
 def write_demo_jsonl(path, n_groups=128, seed=0):
     """Write the demo set as prompt/chosen/rejected JSON lines (one line per pair); returns the line count."""
     n_lines = 0
     with open(path, "w", encoding="utf-8") as f:
-        for prompt, positives, negatives in _demo_texts(n_groups, seed):
+        for prompt, positives, negatives in demo_texts(n_groups, seed):
             for chosen in positives:
                 for rejected in negatives:
                     f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")

@@ -15,7 +15,9 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 
+from data.demo import demo_texts
 from data.tokenizer import VOCAB_SIZE, encode
+from errors import ConfigError, DataError
 
 
 @dataclass
@@ -34,25 +36,25 @@ KINDS = ("lm_human_preferences", "jsonl", "hh", "demo")
 
 def _check_exists(path):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"preference file not found: {path!r} "
+        raise DataError(f"preference file not found: {path!r} "
                                 f"(check the path; relative paths start at {os.getcwd()!r})")
 
 
 def _require_str(record, key, where):
     if key not in record:
-        raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
+        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
     if not isinstance(record[key], str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(record[key]).__name__}")
     return record[key]
 
 
 def _require_ids(record, key, where):
     if key not in record:
-        raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
+        raise DataError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
     ids = record[key]
     # bool is a subclass of int in Python; a list of true/false is not a list of token ids
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise ValueError(f"{where}: field {key!r} must be a list of integer token ids, got {str(ids)[:80]}")
+        raise DataError(f"{where}: field {key!r} must be a list of integer token ids, got {str(ids)[:80]}")
     return ids
 
 
@@ -64,10 +66,10 @@ def _read_lines(path):
         with opener(path, "rt", encoding="utf-8") as f:
             lines = list(enumerate(f, start=1))
     except (OSError, UnicodeDecodeError) as err:  # bad gzip stream, binary file, ...
-        raise ValueError(f"{path}: cannot be read as UTF-8 JSON lines ({type(err).__name__}: {err})") from err
+        raise DataError(f"{path}: cannot be read as UTF-8 JSON lines ({type(err).__name__}: {err})") from err
     lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:
-        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
+        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
     return lines
 
 
@@ -76,9 +78,9 @@ def _parse_json_line(path, line_number, line):
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
+        raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record, where
 
 
@@ -104,7 +106,7 @@ def _download_lmhp(task, cache_dir):
             f.write(response.read())
         os.replace(tmp_path, path)
     except Exception as err:  # URLError, timeouts, HTTP errors: all mean "no file", same fix
-        raise RuntimeError(
+        raise DataError(
             f"could not download the lm-human-preferences {task!r} labels from {url} "
             f"({type(err).__name__}: {err}). Offline? Download the file by hand and pass its path "
             f"instead of the task name (or place it at {path})."
@@ -118,7 +120,7 @@ def _download_lmhp(task, cache_dir):
 def _strip_lmhp_pads(ids, where, key):
     bad = [i for i in ids if not (0 <= i < VOCAB_SIZE) and i != LMHP_PAD_ID]
     if bad:
-        raise ValueError(f"{where}: field {key!r} holds token id {bad[0]}, outside GPT-2's "
+        raise DataError(f"{where}: field {key!r} holds token id {bad[0]}, outside GPT-2's "
                          f"0..{VOCAB_SIZE - 1} (and not the pad {LMHP_PAD_ID})")
     return [i for i in ids if i != LMHP_PAD_ID]
 
@@ -139,35 +141,35 @@ def load_lm_human_preferences(path_or_task, cache_dir=None, max_records=None, co
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: malformed JSON ({err}); expected one JSON array of records") from err
+        raise DataError(f"{path}: malformed JSON ({err}); expected one JSON array of records") from err
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected one JSON array of records, got a JSON {type(records).__name__}")
+        raise DataError(f"{path}: expected one JSON array of records, got a JSON {type(records).__name__}")
     if max_records is not None:
         if max_records < 1:
-            raise ValueError(f"max_records={max_records}: expected a positive number of records to keep, or None for all")
+            raise ConfigError(f"max_records={max_records}: expected a positive number of records to keep, or None for all")
         records = records[:max_records]
     if not records:
-        raise ValueError(f"{path}: no records (the JSON array is empty)")
+        raise DataError(f"{path}: no records (the JSON array is empty)")
 
     groups = []
     for index, record in enumerate(records):
         where = f"{path}[{index}]"
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         prompt = _strip_lmhp_pads(_require_ids(record, "query", where), where, "query")
         if not prompt:
-            raise ValueError(f"{where}: 'query' holds only pads; a response needs a prompt to be scored against")
+            raise DataError(f"{where}: 'query' holds only pads; a response needs a prompt to be scored against")
         responses = []
         for j in range(4):
             key = f"sample{j}"
             responses.append(_strip_lmhp_pads(_require_ids(record, key, where), where, key))
         if "best" not in record:
-            raise ValueError(f"{where}: missing field 'best' (fields present: {sorted(record)})")
+            raise DataError(f"{where}: missing field 'best' (fields present: {sorted(record)})")
         best = record["best"]
         if not isinstance(best, int) or isinstance(best, bool):
-            raise ValueError(f"{where}: field 'best' must be an integer 0..3, got {type(best).__name__}")
+            raise DataError(f"{where}: field 'best' must be an integer 0..3, got {type(best).__name__}")
         if not 0 <= best <= 3:
-            raise ValueError(f"{where}: field 'best' is {best}, expected 0..3 (the index of the preferred sample)")
+            raise DataError(f"{where}: field 'best' is {best}, expected 0..3 (the index of the preferred sample)")
         pairs = [(best, j) for j in range(4) if j != best]
         groups.append(PreferenceGroup(prompt, responses, pairs, where))
     if counts is not None:
@@ -188,7 +190,7 @@ def load_jsonl(path, counts=None):
         prompt, chosen, rejected = (_require_str(record, key, where) for key in ("prompt", "chosen", "rejected"))
         prompt_ids = encode(prompt)
         if not prompt_ids:
-            raise ValueError(f"{where}: 'prompt' is empty; a response needs a prompt to be scored against")
+            raise DataError(f"{where}: 'prompt' is empty; a response needs a prompt to be scored against")
         groups.append(PreferenceGroup(prompt_ids, [encode(chosen), encode(rejected)], [(0, 1)], where))
     if counts is not None:
         counts["records"] = counts.get("records", 0) + len(lines)
@@ -219,7 +221,7 @@ def load_hh(path, counts=None):
         for key, dialogue in (("chosen", chosen), ("rejected", rejected)):
             cut = dialogue.rfind(HH_TURN)
             if cut < 0:
-                raise ValueError(f"{where}: {key!r} has no {HH_TURN!r} turn; expected an HH-RLHF dialogue")
+                raise DataError(f"{where}: {key!r} has no {HH_TURN!r} turn; expected an HH-RLHF dialogue")
             cut += len(HH_TURN)
             splits.append((dialogue[:cut], dialogue[cut:]))
         (chosen_prompt, chosen_response), (rejected_prompt, rejected_response) = splits
@@ -240,6 +242,17 @@ def load_hh(path, counts=None):
 # -----------------------------------------------------------------------------
 
 
+def make_demo_groups(n_groups=128, seed=0):
+    """The demo set (data/demo.py): n_groups groups of 4 responses (2 positive, 2 negative) with 4
+    pairs, each positive over each negative."""
+    groups = []
+    for index, (prompt, positives, negatives) in enumerate(demo_texts(n_groups, seed)):
+        responses = [encode(text) for text in positives + negatives]  # indices 0, 1 positive; 2, 3 negative
+        pairs = [(0, 2), (0, 3), (1, 2), (1, 3)]
+        groups.append(PreferenceGroup(encode(prompt), responses, pairs, f"demo[{index}]"))
+    return groups
+
+
 def load_preferences(kind, path, **kwargs):
     """Load `path` as `kind` (one of KINDS) and drop the pairs DPO cannot learn from.
 
@@ -257,11 +270,10 @@ def load_preferences(kind, path, **kwargs):
     elif kind == "hh":
         groups = load_hh(path, counts=counts, **kwargs)
     elif kind == "demo":
-        from data.demo import make_demo_groups  # here, not at the top: data.demo imports this module
         groups = make_demo_groups(**kwargs)  # generated, so `path` is not used
         counts["records"] = len(groups)
     else:
-        raise ValueError(f"unknown preference data kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+        raise ConfigError(f"unknown preference data kind {kind!r}; valid kinds: {', '.join(KINDS)}")
 
     identical, empty, kept_groups = [], [], []
     for group in groups:

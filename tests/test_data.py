@@ -17,7 +17,9 @@ import torch
 from data import formats
 from data.batches import (Pair, collate_pairs, epoch_order, grouped_epoch_order, pairs_of, rank_slice, split_groups,
                           truncate_groups)
-from data.demo import make_demo_groups, write_demo_jsonl
+from data.demo import write_demo_jsonl
+from data.formats import make_demo_groups
+from errors import DataError
 from data.formats import PreferenceGroup, load_hh, load_jsonl, load_lm_human_preferences, load_preferences
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
@@ -123,7 +125,7 @@ def test_lm_human_preferences_offline_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(formats.urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="by hand") as info:
+    with pytest.raises(DataError, match="by hand") as info:
         load_lm_human_preferences("descriptiveness", cache_dir=str(tmp_path))
     assert "labels/descriptiveness/offline_5k.json" in str(info.value)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing half-written
@@ -255,7 +257,7 @@ def test_bad_gzip_and_missing_files(tmp_path):
     with pytest.raises(ValueError, match="broken.jsonl.gz"):
         load_hh(str(broken))
     for loader in (load_jsonl, load_hh, load_lm_human_preferences):
-        with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        with pytest.raises(DataError, match="nowhere.json"):
             loader(str(tmp_path / "nowhere.json"))
 
 
@@ -337,28 +339,28 @@ def test_rank_slices_partition_global_batch(world_size):
 
 
 def test_rank_slice_errors():
-    with pytest.raises(ValueError, match="multiple of the world size"):
+    with pytest.raises(ValueError, match=r"batch_size \(6\) must be a multiple of micro_batch_size \(1\) x world size \(4\)"):
         rank_slice(list(range(6)), 0, 4)
     with pytest.raises(ValueError, match="rank 2"):
         rank_slice(list(range(4)), 2, 2)
 
 
 def test_collate_pairs():
-    pairs = [Pair([1, 2], [3], [4, 5, 6], 0), Pair([7], [8, 9], [10], 1)]
+    pairs = [Pair([1, 2], [3], [4, 5, 6], 0, 0, 1), Pair([7], [8, 9], [10], 1, 0, 1)]
     batch = collate_pairs(pairs, pad_id=0)
     P = 0
-    assert batch["input_ids"].dtype == torch.long
-    assert batch["input_ids"].tolist() == [
+    assert batch.input_ids.dtype == torch.long
+    assert batch.input_ids.tolist() == [
         [1, 2, 3, P, P],  # prompt + chosen, pair 0
         [7, 8, 9, P, P],  # prompt + chosen, pair 1
         [1, 2, 4, 5, 6],  # prompt + rejected, pair 0
         [7, 10, P, P, P],  # prompt + rejected, pair 1
     ]
-    assert batch["attention_mask"].dtype == torch.bool and batch["attention_mask"].int().tolist() == [
+    assert batch.attention_mask.dtype == torch.bool and batch.attention_mask.int().tolist() == [
         [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert batch["response_mask"].dtype == torch.bool and batch["response_mask"].int().tolist() == [
+    assert batch.response_mask.dtype == torch.bool and batch.response_mask.int().tolist() == [
         [0, 0, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
-    assert collate_pairs(pairs)["input_ids"][0, 3] == 50256  # default pad: end-of-text
+    assert collate_pairs(pairs).input_ids[0, 3] == 50256  # default pad: end-of-text
     with pytest.raises(ValueError):
         collate_pairs([])
 

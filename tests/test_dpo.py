@@ -236,6 +236,7 @@ def test_metrics_names_and_values_on_a_hand_made_batch():
 
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
+from data.batches import PairBatch  # noqa: E402
 from dpo import concatenated_logps, response_logps, token_logps  # noqa: E402
 from gpt2 import GPT  # noqa: E402
 
@@ -293,8 +294,9 @@ def test_concatenated_forward_equals_two_separate_forwards(hf_and_ours):
     rejected_ids, _, rejected_mask = prompt_response_batch("right", (4, 6), (10, 2))
     T = max(chosen_ids.size(1), rejected_ids.size(1))
     pad = lambda t, value: torch.nn.functional.pad(t, (0, T - t.size(1)), value=value)  # noqa: E731
-    batch = {"input_ids": torch.cat([pad(chosen_ids, 50256), pad(rejected_ids, 50256)]),
-             "response_mask": torch.cat([pad(chosen_mask, False), pad(rejected_mask, False)])}
+    input_ids = torch.cat([pad(chosen_ids, 50256), pad(rejected_ids, 50256)])
+    batch = PairBatch(input_ids, attention_mask=input_ids != 50256,
+                      response_mask=torch.cat([pad(chosen_mask, False), pad(rejected_mask, False)]))
     with torch.no_grad():
         chosen, rejected = concatenated_logps(ours, batch)
         assert torch.allclose(chosen, response_logps(ours, chosen_ids, chosen_mask), rtol=1e-6, atol=1e-5)
@@ -394,10 +396,10 @@ def test_shared_prompt_packing_gives_the_same_logps_as_separate_sequences(hf_and
     hf, ours = hf_and_ours
     gen = torch.Generator().manual_seed(7)
     shapes = [(5, 3, 6), (9, 7, 2), (1, 4, 4)]  # (prompt, chosen, rejected) lengths
-    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i)
+    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i, chosen_index=0, rejected_index=1)
              for i, shape in enumerate(shapes)]
     batch = collate_pairs_shared_prompt(pairs)
-    assert batch["input_ids"].shape == (3, 18)  # 9 + 7 + 2, not two rows of 16 and 11
+    assert batch.input_ids.shape == (3, 18)  # 9 + 7 + 2, not two rows of 16 and 11
     with torch.no_grad():
         chosen, rejected = concatenated_logps(ours, batch)
         chosen_mean, _ = concatenated_logps(ours, batch, average=True)
@@ -410,7 +412,7 @@ def test_shared_prompt_gradients_equal_the_plain_path(hf_and_ours):
     from data.batches import Pair, collate_pairs, collate_pairs_shared_prompt
     _, ours = hf_and_ours
     gen = torch.Generator().manual_seed(8)
-    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i)
+    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i, chosen_index=0, rejected_index=1)
              for i, shape in enumerate([(6, 4, 5), (3, 8, 1)])]
     grads = []
     for batch in (collate_pairs(pairs), collate_pairs_shared_prompt(pairs)):
@@ -434,8 +436,8 @@ def test_a_groups_pairs_share_one_packed_row_and_keep_their_logps(hf_and_ours):
     pairs = pairs_of(groups)
     pairs = [pairs[0], pairs[3], pairs[1], pairs[2]]  # the groups interleaved, as a shuffled batch has them
     batch = collate_pairs_shared_prompt(pairs)
-    assert batch["input_ids"].shape == (2, 6 + 4 + 3 + 5 + 2)  # one row per prompt, each response once
-    assert len(batch["slot_lengths"]) == 6
+    assert batch.input_ids.shape == (2, 6 + 4 + 3 + 5 + 2)  # one row per prompt, each response once
+    assert len(batch.slot_lengths) == 6
     with torch.no_grad():
         chosen, rejected = concatenated_logps(ours, batch)
     assert_each_pair_matches_transformers_alone(hf, pairs, chosen, rejected)

@@ -34,7 +34,7 @@ def test_kl_estimate_is_unbiased_for_the_policy_distribution(one_process_group):
     n_prompts = 256
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50256, (4,), generator=gen).tolist() for _ in range(n_prompts)]
-    pairs = [Pair(prompt, [1], [2], group_index=i) for i, prompt in enumerate(prompts)]
+    pairs = [Pair(prompt, [1], [2], group_index=i, chosen_index=0, rejected_index=1) for i, prompt in enumerate(prompts)]
     cfg = TrainConfig(max_new_tokens=1, kl_samples=n_prompts, micro_batch_size=64, temperature=0.7)
     estimate = evaluate(policy, reference, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"),
                         step=0)["eval/kl"].item()

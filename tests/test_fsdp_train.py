@@ -14,7 +14,7 @@ from transformers import GPT2LMHeadModel
 
 from conftest import ROOT
 from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
-from data.demo import make_demo_groups
+from data.formats import make_demo_groups
 
 pytestmark = pytest.mark.slow
 
@@ -187,9 +187,9 @@ def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
     _, eval_groups = split_groups(groups, 0.1, seed=0)
     batch = collate_pairs(pairs_of(eval_groups))
     with torch.no_grad():
-        logits = model.eval()(batch["input_ids"]).logits.double()
-    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
-    sequence_logps = (logprobs * batch["response_mask"][:, 1:]).sum(-1)
+        logits = model.eval()(batch.input_ids).logits.double()
+    logprobs = logits[:, :-1].log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    sequence_logps = (logprobs * batch.response_mask[:, 1:]).sum(-1)
     expected = sequence_logps[: len(sequence_logps) // 2].mean().item()
     with open(single / "metrics.jsonl") as f:
         final_eval = [json.loads(line) for line in f if "eval/logps/chosen" in line][-1]
@@ -217,8 +217,8 @@ def test_demo_config_learns(tmp_path):
     (["--bogus_key=1"], "unknown key 'bogus_key'"),
     (["--beta=abc"], "--beta: beta must be float, got 'abc'"),
     (["--loss_type=foo"], "loss_type='foo' is not one of"),
-    (["--beta=0"], "beta must be > 0"),
-    (["--loss_type=ipo", "--label_smoothing=0.1"], "applies to loss_type sigmoid (cDPO) and robust only"),
+    (["--beta=0"], "beta must be a finite number > 0, got 0.0"),
+    (["--loss_type=ipo", "--label_smoothing=0.1"], "label_smoothing=0.1 is not defined for loss_type 'ipo'"),
     (["--dataset=jsonl", "--data_path=does/not/exist.jsonl"], "does/not/exist.jsonl"),
     (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
 ])

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT
-from gpt2 import GPT, GPTConfig, PRESETS, sample_next_token
+from gpt2 import GPT, GPTConfig, PRESETS, WeightsError, sample_next_token
 
 TOL = 1e-5  # max |ours - transformers| / max |transformers|, fp32
 
@@ -207,7 +207,7 @@ def test_missing_config_json_is_a_clear_error(tmp_path, small_pair):
     _, ours, _ = small_pair
     ours.save_pretrained(tmp_path / "m")
     os.remove(tmp_path / "m" / "config.json")
-    with pytest.raises(FileNotFoundError, match=r"config\.json: missing"):
+    with pytest.raises(WeightsError, match=r"config\.json: missing"):
         GPT.from_pretrained(str(tmp_path / "m"))
 
 
@@ -215,7 +215,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, small_pair):
     _, ours, _ = small_pair
     ours.save_pretrained(tmp_path / "m")
     os.rename(tmp_path / "m" / "model.safetensors", tmp_path / "m" / "pytorch_model.bin")
-    with pytest.raises(FileNotFoundError, match="only safetensors"):
+    with pytest.raises(WeightsError, match="only safetensors"):
         GPT.from_pretrained(str(tmp_path / "m"))
 
 
@@ -226,7 +226,7 @@ def test_unsupported_config_is_refused(tmp_path, small_pair):
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=False)))
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         GPT.from_pretrained(str(tmp_path / "m"))
-    with pytest.raises(FileNotFoundError, match="no such directory"):
+    with pytest.raises(WeightsError, match="no such directory"):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
 
 

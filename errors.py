@@ -1,0 +1,27 @@
+"""The project's error types. Bad input (a config value, a data file, a checkpoint) raises an
+InputError: fsdp_train.py prints its one-line message, which names what and where, and exits 2.
+gpt2.py keeps its own WeightsError (it imports nothing of the project's). Any other exception is a
+bug or a failure of the machine (disk full, a dead rank) and keeps its traceback (exit 1).
+
+They subclass ValueError, so code that catches ValueError around a loader keeps working.
+"""
+
+
+class InputError(ValueError):
+    """Bad input the user can fix; the message says what, where and how."""
+
+
+class ConfigError(InputError):
+    """A config key or value (a YAML file or a --flag), or a combination of them."""
+
+
+class DataError(InputError):
+    """A preference file or one of its records."""
+
+
+class CheckpointError(InputError):
+    """A training checkpoint that cannot be resumed: damaged, or written by another run."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (non-finite losses past max_bad_steps): one line, exit 1."""

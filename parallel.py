@@ -1,0 +1,201 @@
+"""Distributed set-up, applied from outside the model: the process group, FSDP2 per block, the
+weights broadcast from rank 0, the training state, and the rank-0 helpers that keep every rank
+in step when rank 0 does something alone (reads a file, writes one) and it fails.
+
+Used by fsdp_train.py and by both benchmarks (bench/throughput.py, bench/group_packing.py), so the
+models they time are the trainer's own.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from errors import ConfigError, InputError
+from gpt2 import GPT, GPTConfig, WeightsError, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
+from optim import LossScaler, make_optimizer
+from train_config import TrainConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BAD_INPUT = (InputError, WeightsError)  # one line and exit 2; anything else keeps its traceback
+
+
+# ----------------------------------------------------------------------------- process group
+
+def setup_distributed(cfg: TrainConfig):
+    """(rank, world size, device, mesh). nccl on CUDA, gloo on CPU. Under torchrun the env://
+    rendezvous; as a plain `python` a one-process group, so the code has one path for every world
+    size. mesh is None for sharding=none (a plain module, one process)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch.cuda.is_available() is False")
+    backend = "nccl" if use_cuda else "gloo"
+    if "RANK" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    world = dist.get_world_size()
+    if cfg.sharding == "none" and world > 1:
+        raise ConfigError(f"sharding=none runs without FSDP and needs one process, got world size {world}")
+    mesh = None
+    if cfg.sharding == "hybrid":  # (replicate across nodes, shard within a node)
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        mesh = init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+    elif cfg.sharding == "full":
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    return dist.get_rank(), world, device, mesh
+
+
+# ----------------------------------------------------------------------------- rank-0 helpers
+
+def broadcast_json(obj, device):
+    """Rank 0's JSON-able object on every rank, sent as UTF-8 bytes (no pickling)."""
+    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], device=device)
+    dist.broadcast(size, src=0)
+    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if dist.get_rank() == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.broadcast(buffer, src=0)
+    return json.loads(bytes(buffer.cpu().tolist()).decode())
+
+
+def on_rank0(fn, device, what, *args):
+    """Collective: rank 0 runs fn(*args) and every rank returns its (JSON-able) result.
+
+    If fn raises, whatever the exception, rank 0 re-raises it and every other rank raises too
+    (the same message; bad input stays bad input), instead of waiting in its next collective until
+    a timeout. `what` names the work in the other ranks' message.
+    """
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args)
+        except Exception as err:  # told to the other ranks below, then re-raised as it is
+            failure = err
+    reply = broadcast_json({"result": result if failure is None else None,
+                            "error": None if failure is None else f"{type(failure).__name__}: {failure}",
+                            "bad_input": isinstance(failure, BAD_INPUT)}, device)
+    if failure is not None:
+        raise failure
+    if reply["error"] is not None:
+        if reply["bad_input"]:
+            raise InputError(str(reply["error"]).split(": ", 1)[1])
+        raise RuntimeError(f"rank 0 could not {what}: {reply['error']}")
+    return reply["result"]
+
+
+# ----------------------------------------------------------------------------- models
+
+def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool):
+    """Activation checkpointing -> compile -> fully_shard per block -> fully_shard the root.
+
+    Each block is its own FSDP unit: its parameters are all-gathered just before it runs and freed
+    after, so at most about one block is unsharded at a time. The root unit holds wte (tied with
+    lm_head: one parameter, gathered once), wpe and ln_f. Mixed precision keeps fp32 master weights
+    and reduces gradients in fp32 while compute runs in bf16/fp16. A frozen reference is stored
+    directly in the compute dtype instead (it has no master weights to keep).
+    """
+    if trainable and param_dtype != torch.float32:
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    else:
+        mp_policy = MixedPrecisionPolicy()
+    if cfg.compile:
+        # Every block shares Block.forward's compile cache, which holds one graph per variant: policy
+        # with grad / policy in eval / frozen reference, each with and without the last block's `keep`,
+        # static then dynamic shapes: about a dozen. Past dynamo's default of 8 it would silently run
+        # the rest eagerly. (Newer torch calls it recompile_limit; cache_size_limit works from 2.6 on.)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+    for i, block in enumerate(model.transformer.h):
+        if cfg.activation_checkpointing and trainable:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)  # non-reentrant; no dropout, no RNG
+        if cfg.compile:
+            block.compile()
+        if mesh is not None:  # sharding=none: a plain module (the single-process baseline of the tests)
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        model.transformer.h[i] = block
+    if mesh is None:
+        return model
+    # FSDP keeps the root's parameters (wte, wpe, ln_f) gathered after forward, since backward needs
+    # them next. The frozen reference has no backward: reshard them, or they stay whole on every rank.
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, **({} if trainable else {"reshard_after_forward": True}))
+    return model
+
+
+def initial_weights(cfg: TrainConfig, rank: int, device):
+    """(GPTConfig, full state dict on rank 0 / None elsewhere). Only rank 0 reads the weights;
+    set_model_state_dict then broadcasts them tensor by tensor into every rank's shards, so no
+    other rank ever holds a full copy."""
+    state_dict = {}
+
+    def read_config_and_weights():
+        if cfg.init_from == "scratch":
+            config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
+            state_dict.update(GPT(config).init_weights(seed=cfg.seed).state_dict())
+        else:
+            path = resolve_checkpoint_dir(cfg.init_from)
+            config = read_hf_config(path)
+            state_dict.update(read_hf_state_dict(path, config))
+            state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+        return dataclasses.asdict(config)
+
+    config = GPTConfig(**on_rank0(read_config_and_weights, device, f"read the weights of {cfg.init_from!r}"))
+    return config, (state_dict if rank == 0 else None)
+
+
+def reference_precision_name(cfg: TrainConfig) -> str:
+    """The reference model's precision, "same" resolved: "fp32" under precision=fp32 either way."""
+    return cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision
+
+
+def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
+    """A GPT on `device` holding state_dict (rank 0's; broadcast into every rank's shards), parallelized.
+    trainable=False gives the frozen reference, in reference_precision, without gradients."""
+    compute_dtype = DTYPES[cfg.precision] if trainable else DTYPES[reference_precision_name(cfg)]
+    with torch.device("meta"):  # no memory until the weights arrive
+        model = GPT(config)
+    if not trainable:
+        model = model.to(compute_dtype).requires_grad_(False)
+    if mesh is None:  # one process, no FSDP: load, then wrap (checkpointing renames the blocks' keys)
+        model.to_empty(device=device)
+        model.load_state_dict(state_dict)
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them; tie again
+        return parallelize(model, cfg, mesh, compute_dtype, trainable).train(trainable)
+    model = parallelize(model, cfg, mesh, compute_dtype, trainable)
+    model.to_empty(device=device)
+    set_model_state_dict(model, dict(state_dict) if dist.get_rank() == 0 else {},  # it rewrites the dict it gets
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model.train(trainable)
+
+
+@dataclass
+class TrainingState:
+    config: GPTConfig
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None  # None without a live reference (sft, reference_free)
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+
+
+def needs_reference_model(cfg: TrainConfig) -> bool:
+    return cfg.objective == "dpo" and not cfg.reference_free
+
+
+def build_training_state(cfg: TrainConfig, rank: int, device, mesh) -> TrainingState:
+    """Policy and frozen reference from the same starting weights, AdamW, the loss scaler."""
+    config, full_state = initial_weights(cfg, rank, device)
+    policy = build_model(config, full_state, cfg, mesh, device, trainable=True)
+    reference = build_model(config, full_state, cfg, mesh, device, trainable=False) if needs_reference_model(cfg) else None
+    del full_state
+    return TrainingState(config, policy, reference, make_optimizer(policy, cfg),
+                         LossScaler(enabled=cfg.precision == "fp16"))
