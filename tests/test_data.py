@@ -415,3 +415,25 @@ def test_left_pad_ends_every_prompt_in_the_last_column():
     input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[True, True, True], [False, False, True]]
+
+
+def test_pairs_of_one_prompt_share_a_slot_only_when_they_share_the_response():
+    from data.batches import collate_pairs_shared_prompt
+    a, b, c = [11, 12], [13], [14, 15, 16]
+    groups = [PreferenceGroup([1, 2, 3], [a, b, c], [(0, 1), (0, 2), (2, 1)], "g")]
+    packed = collate_pairs_shared_prompt(pairs_of(groups))
+    chosen, rejected = packed.chosen_slot.tolist(), packed.rejected_slot.tolist()
+    slot_tokens = packed.target_ids.split(packed.slot_lengths.tolist())
+    assert len(slot_tokens) == 3  # three distinct responses, each once
+    for pair, (c_slot, r_slot) in zip(pairs_of(groups), zip(chosen, rejected)):
+        assert slot_tokens[c_slot].tolist() == pair.chosen and slot_tokens[r_slot].tolist() == pair.rejected
+    assert chosen[0] == chosen[1] and rejected[2] == rejected[0] and rejected[1] == chosen[2]
+
+
+def test_hand_built_pairs_must_name_their_responses():
+    from data.batches import collate_pairs_shared_prompt
+    with pytest.raises(TypeError):
+        Pair([1], [2], [3], 0)  # no default slot indices: two such pairs would silently collide
+    colliding = [Pair([1, 2], [3], [4], 0, 0, 1), Pair([1, 2], [5], [6], 0, 0, 1)]
+    with pytest.raises(ValueError, match="group 0 name response 0 but hold different tokens"):
+        collate_pairs_shared_prompt(colliding)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from data.batches import epoch_order
 from gpt2 import GPT, GPTConfig
-from test_fsdp_train import ENV, TINY, final_weights, train_losses
+from test_fsdp_train import ENV, TINY, final_weights, run_in_process, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +27,14 @@ def command(out_dir, *extra):
 
 
 def run(out_dir, *extra, env=None):
+    """Its own process: for runs that kill themselves, and those compared bitwise with them."""
     return subprocess.run(command(out_dir, *extra), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
                           timeout=300)
+
+
+def run_here(out_dir, *extra):
+    """In this process (fsdp_train.run), for runs that end by themselves."""
+    return run_in_process([*TINY, f"--out_dir={out_dir}", *extra])
 
 
 def kill_when_logged(process, pattern, target_pid=None):
@@ -119,7 +125,7 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_from_it(uninterr
 
 @pytest.fixture
 def run_with_checkpoints(tmp_path):
-    result = run(tmp_path, "--max_steps=4", "--ckpt_every=2", "--sharding=none")
+    result = run_here(tmp_path, "--max_steps=4", "--ckpt_every=2", "--sharding=none")
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path
 
@@ -142,7 +148,7 @@ def test_damaged_checkpoint_is_named_and_nothing_is_overwritten(run_with_checkpo
         data = data[: len(data) // 2]
     shard.write_bytes(bytes(data))
     before = snapshot(out_dir)
-    result = run(out_dir, "--max_steps=6", "--ckpt_every=2", "--sharding=none")
+    result = run_here(out_dir, "--max_steps=6", "--ckpt_every=2", "--sharding=none")
     assert result.returncode != 0
     assert str(shard) in result.stderr and message in result.stderr
     assert snapshot(out_dir) == before
@@ -150,7 +156,7 @@ def test_damaged_checkpoint_is_named_and_nothing_is_overwritten(run_with_checkpo
 
 def test_checkpoint_of_another_model_size_is_refused(run_with_checkpoints):
     before = snapshot(run_with_checkpoints)
-    result = run(run_with_checkpoints, "--max_steps=6", "--sharding=none", "--n_embd=48")
+    result = run_here(run_with_checkpoints, "--max_steps=6", "--sharding=none", "--n_embd=48")
     assert result.returncode != 0
     assert "step_000004: checkpoint does not match this run's config: n_embd: checkpoint 32 vs this run 48" \
         in result.stderr
@@ -162,7 +168,7 @@ def test_truncated_weight_file_is_named(tmp_path):
     model.save_pretrained(tmp_path / "weights")
     weights = tmp_path / "weights" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    result = run(tmp_path / "run", f"--init_from={tmp_path / 'weights'}")
+    result = run_here(tmp_path / "run", f"--init_from={tmp_path / 'weights'}")
     assert result.returncode != 0
     assert f"{weights}: not a readable safetensors file" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -195,7 +201,7 @@ def poisoned_setup(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(poisoned_setup):
     tmp_path, args, poisoned_step = poisoned_setup
-    result = run(tmp_path / "run", *args)
+    result = run_here(tmp_path / "run", *args)
     assert result.returncode == 1
     assert f"step {poisoned_step}: non-finite loss" in result.stdout
     assert "37" in result.stdout.split(f"step {poisoned_step}: non-finite loss")[1].split("\n")[0]  # names the pair
@@ -212,7 +218,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(poisoned_setup):
 
 def test_non_finite_steps_can_be_skipped_up_to_a_bound(poisoned_setup):
     tmp_path, args, poisoned_step = poisoned_setup
-    result = run(tmp_path / "run", *args, "--max_bad_steps=1")
+    result = run_here(tmp_path / "run", *args, "--max_bad_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step {poisoned_step}: non-finite loss" in result.stdout and "the update was not applied" in result.stdout
     weights = load_file(tmp_path / "run" / "final" / "model.safetensors")
@@ -240,7 +246,7 @@ def test_non_finite_loss_on_one_of_two_ranks_stops_both(poisoned_setup):
 def test_unwritable_run_directory_is_refused_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    result = run(blocker / "run")
+    result = run_here(blocker / "run")
     assert result.returncode == 2
     assert "is not writable" in result.stderr and str(blocker / "run") in result.stderr
 
@@ -248,7 +254,7 @@ def test_unwritable_run_directory_is_refused_before_training(tmp_path):
 def test_bad_data_is_refused_before_anything_is_written(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n' * 2 + '{"prompt": "a", "chosen": \n')
-    result = run(tmp_path / "run", "--dataset=jsonl", f"--data_path={data}")
+    result = run_here(tmp_path / "run", "--dataset=jsonl", f"--data_path={data}")
     assert result.returncode == 2
     assert str(data) in result.stderr and "line 3" in result.stderr
     assert not (tmp_path / "run").exists()

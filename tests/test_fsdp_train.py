@@ -1,17 +1,26 @@
 """fsdp_train.py end to end, on CPU/gloo, against independent references: a single process without
-FSDP, one batch without accumulation, an uninterrupted run, transformers on the exported model."""
+FSDP, one batch without accumulation, an uninterrupted run, transformers on the exported model.
+
+Runs of one process go through fsdp_train.run() in this process (a one-process gloo group, made
+and destroyed by each run): the same code as `python fsdp_train.py`, without a second torch import.
+torchrun launches, kills and environment-dependent runs keep their own processes."""
+import contextlib
+import io
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
+import traceback
+from dataclasses import dataclass
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
+import fsdp_train
 from conftest import ROOT
 from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
 from data.formats import make_demo_groups
@@ -31,11 +40,53 @@ def free_port():
         return s.getsockname()[1]
 
 
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(args, env=None) -> Finished:
+    """fsdp_train.run(args) here, as `python fsdp_train.py ARGS` would run it: its output captured,
+    an exception that escapes it printed as the interpreter would (exit 1)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), environment(env or {}):
+        try:
+            returncode = fsdp_train.run([str(a) for a in args])
+        except Exception:  # noqa: BLE001 -- what an uncaught exception does to a process: traceback, exit 1
+            traceback.print_exc()
+            returncode = 1
+    return Finished(returncode, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def environment(variables):
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 def run_python(out_dir, *extra, check=True, env=None):
-    result = subprocess.run([sys.executable, "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra],
-                            cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True, text=True, timeout=600)
+    """One training run of TINY (plus extra flags) into out_dir, in this process."""
+    result = run_in_process([*TINY, f"--out_dir={out_dir}", *extra], env)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def run_subprocess(out_dir, *extra, env=None):
+    """The same as its own `python fsdp_train.py` process (for logs read from the environment at import)."""
+    result = subprocess.run([sys.executable, "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra],
+                            cwd=ROOT, env=dict(ENV, **(env or {})), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -157,7 +208,7 @@ def test_resume_accepts_the_resolved_reference_precision_and_older_checkpoints(t
 def test_compile_keeps_the_losses_and_every_block_compiled(single, tmp_path):
     """compile=true (inductor per block) after the step-0 samples and eval: the same losses as eager,
     and no block variant falls back to eager because dynamo ran out of recompiles."""
-    result = run_python(tmp_path, "--sharding=none", "--compile=true", env={"TORCH_LOGS": "recompiles"})
+    result = run_subprocess(tmp_path, "--sharding=none", "--compile=true", env={"TORCH_LOGS": "recompiles"})
     output = result.stdout + result.stderr
     assert "Recompiling function forward" in output  # the log is on: a limit hit would show here
     assert "recompile_limit" not in output, output[output.index("recompile_limit") - 2000:][:3000]
@@ -200,9 +251,8 @@ def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
 def test_demo_config_learns(tmp_path):
     """The README's demo: held-out reward accuracy starts at 0 (all rewards are 0 at step 0, so no
     pair is ranked right) and must end well above chance."""
-    result = subprocess.run([sys.executable, "fsdp_train.py", "--config_file=config/demo.yaml",
-                             f"--out_dir={tmp_path}", "--device=cpu", "--ckpt_every=0"],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    result = run_in_process([f"--config_file={ROOT / 'config' / 'demo.yaml'}", f"--out_dir={tmp_path}", "--device=cpu",
+                             "--ckpt_every=0"])
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "metrics.jsonl") as f:
         evals = [json.loads(line) for line in f if "eval/rewards/accuracies" in line]
