@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import ROOT
 from data.batches import epoch_order
 from gpt2 import GPT, GPTConfig
-from test_fsdp_train import ENV, TINY, final_weights, run_in_process, train_losses
+from test_fsdp_train import (ENV, TINY, assert_same_losses, assert_weights_close, final_weights, run_in_process,
+                             train_losses)
 
 pytestmark = pytest.mark.slow
 
@@ -86,26 +87,26 @@ def worker_pid(torchrun_pid):
     raise AssertionError("no torchrun worker found")
 
 
-def test_killed_rank_of_a_two_rank_run_then_relaunch_finishes_equal(tmp_path):
+def test_killed_rank_of_a_two_rank_run_then_relaunch_finishes_equal(uninterrupted, tmp_path):
     """SIGKILL one of two torchrun workers mid-run; torchrun stops the other; the same command run
-    again resumes and ends on the weights of a two-rank run that was never interrupted."""
+    again resumes and ends where the uninterrupted run ends: the same loss at every step and the
+    same weights, to the 1e-5 at which two ranks equal one process (a pair skipped or seen twice,
+    or optimizer state lost, would be far outside it)."""
     def launch(out_dir):
         return subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "fsdp_train.py", *TINY, f"--out_dir={out_dir}", "--max_steps=12", "--ckpt_every=2"],
             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    clean = launch(tmp_path / "clean")
-    output, _ = clean.communicate(timeout=300)
-    assert clean.returncode == 0, output[-3000:]
-    faulty = launch(tmp_path / "faulty")
+    faulty = launch(tmp_path)
     kill_when_logged(faulty, r"^step 5/12", target_pid=lambda: worker_pid(faulty.pid))
-    assert faulty.returncode != 0 and not (tmp_path / "faulty" / "final").exists()
-    relaunched = launch(tmp_path / "faulty")
+    assert faulty.returncode != 0 and not (tmp_path / "final").exists()
+    relaunched = launch(tmp_path)
     output, _ = relaunched.communicate(timeout=300)
     assert relaunched.returncode == 0, output[-3000:]
-    assert "resumed from" in output
-    assert_bitwise_equal(tmp_path / "faulty", tmp_path / "clean")
+    assert re.search(r"resumed from .*step_0000(04|06|08|10) at step", output)
+    assert_same_losses(train_losses(tmp_path), train_losses(uninterrupted), n_steps=12)
+    assert_weights_close(final_weights(tmp_path), final_weights(uninterrupted))
 
 
 def test_kill_during_save_keeps_previous_checkpoint_and_resumes_from_it(uninterrupted, tmp_path):
