@@ -1,14 +1,20 @@
-"""Running a model over data without training it: held-out evaluation with the KL estimate and
-the before/after samples. Used by fsdp_train.py; every function here is collective under FSDP (all
-ranks call it with the same arguments)."""
+"""Running a model over data without training it: held-out evaluation with the KL estimate, the
+before/after samples, and the reference's log-probs of every pair (precompute_reference). Used by
+fsdp_train.py; every function here is collective under FSDP (all ranks call it with the same
+arguments)."""
+import json
 import math
+import os
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
+from parallel import on_rank0
+from run_dir import write_atomic
 from train_config import logps_average, shares_prompt
 
 
@@ -86,14 +92,6 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def samples_table(prompts, before, after):
-    rows = ["| Prompt | Before training (reference) | After training (policy) |", "| --- | --- | --- |"]
-    cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
-    for prompt, b, a in zip(prompts, before, after):
-        rows.append(f"| {cell(prompt)} | {cell(b)} | {cell(a)} |")
-    return "\n".join(rows) + "\n"
-
-
 def distinct_prompts(pairs, n):
     """The prompts of the first n distinct groups (a group's pairs share one prompt)."""
     seen, prompts = set(), []
@@ -109,3 +107,28 @@ def sample_texts(model, prompts, cfg, device):
     tokens, _, response_mask = sample(model, prompts, cfg, device, seed=cfg.seed, temperature=cfg.temperature)
     model.train()
     return [decode(row[m].tolist()).split("<|endoftext|>")[0] for row, m in zip(tokens.cpu(), response_mask.cpu())]
+
+
+# ----------------------------------------------------------------------------- the reference's log-probs, once
+
+def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, world, device, identity):
+    """Reference log-probs of every pair, cached in out_dir/reference_logps.safetensors.
+    The cache is reused only when its fingerprint (the run identity) matches."""
+    path = os.path.join(cfg.out_dir, "reference_logps.safetensors")
+    fingerprint = json.dumps(identity, sort_keys=True)
+    if os.path.isfile(path):
+        cached = load_file(path, device=str(device))
+        with open(path + ".json") as f:
+            if f.read() == fingerprint:
+                return cached["train"], cached["eval"]
+    train = map_pairs(train_pairs, pair_logps(reference, cfg), cfg, rank, world, device)
+    evals = (map_pairs(eval_pairs, pair_logps(reference, cfg), cfg, rank, world, device) if eval_pairs
+             else torch.zeros(0, 2, device=device))
+    on_rank0(write_reference_cache, device, f"write {path}", path, train, evals, fingerprint)
+    return train, evals
+
+
+def write_reference_cache(path, train, evals, fingerprint):
+    save_file({"train": train.cpu(), "eval": evals.cpu()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    write_atomic(path + ".json", fingerprint)

@@ -20,21 +20,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from safetensors.torch import load_file, save_file
 
 import checkpoint
 from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, epoch_order, grouped_epoch_order,
                           pairs_of, rank_slice, split_groups, truncate_groups)
 from data.formats import load_preferences
-from data.tokenizer import decode
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
 from errors import CheckpointError, ConfigError, TrainingStopped
-from evaluation import evaluate, map_pairs, pair_logps, sample_texts, samples_table
+from evaluation import evaluate, precompute_reference_logps, sample_texts
 from gpt2 import write_hf_checkpoint
 from optim import lr_at
 from parallel import (BAD_INPUT, build_training_state, needs_reference_model, on_rank0, reference_precision_name,
                       setup_distributed)
-from run_dir import MetricsLog, check_writable, write_atomic, write_config
+from run_dir import MetricsLog, check_writable, write_config, write_samples_before, write_samples_table
 from train_config import TrainConfig, logps_average, parse_args, shares_prompt
 
 # Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them.
@@ -259,48 +257,12 @@ def save(cfg, state, step, steps_per_epoch, identity, device):
         cfg.keep_checkpoints, device)
 
 
-# ----------------------------------------------------------------------------- reference cache and samples
-
-def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, world, device, identity):
-    """Reference log-probs of every pair, cached in out_dir/reference_logps.safetensors.
-    The cache is reused only when its fingerprint (the run identity) matches."""
-    path = os.path.join(cfg.out_dir, "reference_logps.safetensors")
-    fingerprint = json.dumps(identity, sort_keys=True)
-    if os.path.isfile(path):
-        cached = load_file(path, device=str(device))
-        with open(path + ".json") as f:
-            if f.read() == fingerprint:
-                return cached["train"], cached["eval"]
-    train = map_pairs(train_pairs, pair_logps(reference, cfg), cfg, rank, world, device)
-    evals = (map_pairs(eval_pairs, pair_logps(reference, cfg), cfg, rank, world, device) if eval_pairs
-             else torch.zeros(0, 2, device=device))
-    on_rank0(write_reference_cache, device, f"write {path}", path, train, evals, fingerprint)
-    return train, evals
-
-
-def write_reference_cache(path, train, evals, fingerprint):
-    save_file({"train": train.cpu(), "eval": evals.cpu()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    write_atomic(path + ".json", fingerprint)
-
+# ----------------------------------------------------------------------------- samples
 
 def sample_prompts_of(eval_pairs, cfg):
     """The held-out prompts of the before/after table: n_samples, spread over the eval pairs."""
     return [p.prompt for p in eval_pairs[:: max(1, len(eval_pairs) // max(1, cfg.n_samples))]][:cfg.n_samples]
 
-
-def write_samples_before(cfg, prompts, before):
-    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"), json.dumps(before))
-    write_atomic(os.path.join(cfg.out_dir, "samples.md"),
-                 samples_table([decode(p) for p in prompts], before, ["(training)"] * len(before)))
-
-
-def write_samples_table(cfg, prompts, after, log):
-    with open(os.path.join(cfg.out_dir, "samples_before.json")) as f:
-        before = json.load(f)
-    table = samples_table([decode(p) for p in prompts], before, after)
-    write_atomic(os.path.join(cfg.out_dir, "samples.md"), table)
-    log("\n" + table)
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,11 +1,12 @@
 """The run directory (out_dir), as rank 0 writes it: config.yaml, metrics.jsonl (and W&B), the
-sample files. Files are replaced whole (written beside, then renamed), so a crash leaves the old
+sample files (samples.md, the before/after table). Files are replaced whole (written beside, then renamed), so a crash leaves the old
 file or the new one. The checkpoints under out_dir/checkpoints/ are checkpoint.py's.
 """
 import dataclasses
 import json
 import os
 
+from data.tokenizer import decode
 from errors import ConfigError
 from parallel import on_rank0
 from train_config import TrainConfig, dump_config
@@ -79,3 +80,27 @@ class MetricsLog:
 
 def write_config(cfg: TrainConfig):
     write_atomic(os.path.join(cfg.out_dir, "config.yaml"), dump_config(cfg))
+
+
+# ----------------------------------------------------------------------------- the before/after samples
+
+def samples_table(prompts, before, after):
+    rows = ["| Prompt | Before training (reference) | After training (policy) |", "| --- | --- | --- |"]
+    cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
+    for prompt, b, a in zip(prompts, before, after):
+        rows.append(f"| {cell(prompt)} | {cell(b)} | {cell(a)} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_samples_before(cfg, prompts, before):
+    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"), json.dumps(before))
+    write_atomic(os.path.join(cfg.out_dir, "samples.md"),
+                 samples_table([decode(p) for p in prompts], before, ["(training)"] * len(before)))
+
+
+def write_samples_table(cfg, prompts, after, log):
+    with open(os.path.join(cfg.out_dir, "samples_before.json")) as f:
+        before = json.load(f)
+    table = samples_table([decode(p) for p in prompts], before, after)
+    write_atomic(os.path.join(cfg.out_dir, "samples.md"), table)
+    log("\n" + table)

@@ -110,7 +110,7 @@ CHOICES = {
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
             "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")
 NON_NEGATIVE = ("max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
-                "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature", "label_smoothing")
+                "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature")
 
 
 def field_types():

@@ -7,8 +7,8 @@
     torchrun --nproc_per_node 2 bench/throughput.py --fsdp_memory --sizes gpt2  # one world size
 
 One step = policy forward + backward on chosen and rejected, reference forward, gradient clipping,
-AdamW step. "ours" calls the trainer's own functions (initial_weights, build_model, make_optimizer,
-train_step); "transformers" is the same DPO step written the straightforward way with
+AdamW step. "ours" calls the trainer's own functions (parallel.build_training_state,
+fsdp_train.train_step); "transformers" is the same DPO step written the straightforward way with
 GPT2LMHeadModel. Both get the same pairs (ours in the layout its trainer uses), random init at the
 real shapes, no download.
 As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory.

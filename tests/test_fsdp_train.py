@@ -304,3 +304,14 @@ def test_bad_yaml_key_names_the_file(tmp_path):
     assert result.returncode != 0
     assert f"{config}: unknown key 'betta'; did you mean 'beta'?" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(tmp_path, monkeypatch):
+    """run() is the one error boundary: a ValueError from inside the step (a shape bug, say) is not
+    bad input; it leaves run() as itself (the interpreter prints its traceback, exit 1), not as exit 2."""
+    def broken_step(*args, **kwargs):
+        raise ValueError("shapes (4, 7) and (8, 7) do not broadcast")
+    monkeypatch.setattr(fsdp_train, "train_step", broken_step)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        fsdp_train.run([*TINY, f"--out_dir={tmp_path}"])
+    assert not torch.distributed.is_initialized()  # the group is destroyed on this path too

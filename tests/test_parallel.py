@@ -1,0 +1,63 @@
+"""parallel.py's rank-0 helper with two real ranks (two processes on a gloo group): whatever rank 0
+raises while working alone reaches every rank, so none waits in a collective until a timeout."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import ROOT
+from test_fsdp_train import free_port
+
+pytestmark = pytest.mark.slow
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    sys.path.insert(0, os.getcwd())
+    from parallel import on_rank0
+    from errors import DataError
+    rank = int(sys.argv[1])
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+    def work(kind, name):
+        if kind == "json":
+            return json.loads("{not json")  # a ValueError that is not bad input: a bug or a broken file
+        if kind == "data":
+            raise DataError(f"{name}: line 3: malformed JSON")
+        return {"read": name}
+    for kind in ("ok", "json", "data"):
+        try:
+            result = on_rank0(work, torch.device("cpu"), "read metrics.jsonl", kind, "pairs.jsonl")
+            print(kind, "result", json.dumps(result))
+        except Exception as err:
+            print(kind, "raised", type(err).__name__, err)
+        dist.barrier()  # both ranks get here: nobody is left waiting
+    print("done")
+""")
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    """The output of rank 0 and rank 1, each having called on_rank0 with the three kinds of work."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), port], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [rank.communicate(timeout=60)[0] for rank in ranks]
+    assert all(rank.returncode == 0 and "done" in out for rank, out in zip(ranks, outputs)), outputs
+    return outputs
+
+
+def test_rank0_result_reaches_every_rank(two_ranks):
+    assert all('ok result {"read": "pairs.jsonl"}' in out for out in two_ranks), two_ranks
+
+
+def test_any_rank0_exception_reaches_every_rank(two_ranks):
+    rank0, rank1 = two_ranks
+    assert "json raised JSONDecodeError" in rank0  # rank 0 keeps its own exception (and traceback)
+    assert "json raised RuntimeError rank 0 could not read metrics.jsonl: JSONDecodeError" in rank1
+
+
+def test_bad_input_on_rank0_is_bad_input_on_every_rank(two_ranks):
+    rank0, rank1 = two_ranks
+    assert "data raised DataError pairs.jsonl: line 3: malformed JSON" in rank0
+    assert "data raised InputError pairs.jsonl: line 3: malformed JSON" in rank1  # one line, exit 2 there too
