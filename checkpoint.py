@@ -114,7 +114,7 @@ def file_fingerprint(path):
 
 def verify_files(path) -> str | None:
     """None if every file listed in train_state.json is there with its size and sha256; else what
-    differs, naming the file (resume_problem turns it into an error)."""
+    differs, naming the file (fsdp_train.verify_checkpoint turns it into an error)."""
     with open(os.path.join(path, "train_state.json")) as f:
         expected = json.load(f).get("files", {})
     for name, (size, digest) in expected.items():

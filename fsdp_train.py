@@ -32,7 +32,8 @@ from gpt2 import write_hf_checkpoint
 from optim import lr_at
 from parallel import (BAD_INPUT, build_training_state, needs_reference_model, on_rank0, reference_precision_name,
                       setup_distributed)
-from run_dir import MetricsLog, check_writable, write_config, write_samples_before, write_samples_table
+from run_dir import (MetricsLog, check_writable, keep_metrics_until, write_config, write_samples_before,
+                     write_samples_table)
 from train_config import TrainConfig, logps_average, parse_args, shares_prompt
 
 # Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them.
@@ -220,7 +221,7 @@ def run_identity(cfg: TrainConfig) -> dict:
     return identity
 
 
-def start_or_resume(cfg, identity, state, metrics_log, device, log) -> int:
+def start_or_resume(cfg, identity, state, device, log) -> int:
     """Collective. The step to start from: that of the newest complete checkpoint, once it is found
     to be this run's (identity), intact (checksums) and loaded; else 0. Then the run directory is
     made to agree with it: partial checkpoints removed, config.yaml written, metrics.jsonl cut to
@@ -238,7 +239,7 @@ def start_or_resume(cfg, identity, state, metrics_log, device, log) -> int:
                                                              train_state["good_steps"])
         log(f"resumed from {path} at step {step}")
     on_rank0(write_config, device, f"write {cfg.out_dir}/config.yaml", cfg)
-    metrics_log.start(step)
+    on_rank0(keep_metrics_until, device, f"prepare {cfg.out_dir}/metrics.jsonl", cfg.out_dir, step)
     return step
 
 
@@ -285,8 +286,8 @@ def main(argv=None):
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     identity = run_identity(cfg)
-    metrics_log = MetricsLog(cfg, device)
-    step = start_or_resume(cfg, identity, state, metrics_log, device, log)
+    step = start_or_resume(cfg, identity, state, device, log)
+    metrics_log = MetricsLog(cfg, device)  # W&B starts once the run directory is this run's
 
     reference_logps = reference_eval_logps = None
     if cfg.precompute_reference and needs_reference_model(cfg):

@@ -69,7 +69,10 @@ class GPTConfig:
         missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in hf]
         if missing:
             raise WeightsError(f"{source}: missing keys {missing}; is this a GPT-2 config.json?")
-        return cls(**{k: v for k, v in hf.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in hf.items() if k in known})
+        except ValueError as err:  # __post_init__'s checks: n_embd divisible by n_head, the activation
+            raise WeightsError(f"{source}: {err}") from err
 
     def to_hf_dict(self) -> dict:
         """The config.json transformers writes for GPT2LMHeadModel, with our shape."""
@@ -411,7 +414,11 @@ def weight_files(path: str) -> list[str]:
         return [single]
     if os.path.isfile(index):
         with open(index) as f:
-            shard_names = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                shard_names = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise WeightsError(f"{index}: not a safetensors index (JSON with a weight_map): "
+                                   f"{type(err).__name__}: {err}") from err
         return [os.path.join(path, name) for name in shard_names]
     found = sorted(os.listdir(path))
     raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "

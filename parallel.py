@@ -20,7 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from errors import ConfigError, InputError
 from gpt2 import GPT, GPTConfig, WeightsError, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
 from optim import LossScaler, make_optimizer
-from train_config import TrainConfig
+from train_config import TrainConfig, check_sharding
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BAD_INPUT = (InputError, WeightsError)  # one line and exit 2; anything else keeps its traceback
@@ -45,8 +45,7 @@ def setup_distributed(cfg: TrainConfig):
     if use_cuda:
         torch.cuda.set_device(device)
     world = dist.get_world_size()
-    if cfg.sharding == "none" and world > 1:
-        raise ConfigError(f"sharding=none runs without FSDP and needs one process, got world size {world}")
+    check_sharding(cfg, world)
     mesh = None
     if cfg.sharding == "hybrid":  # (replicate across nodes, shard within a node)
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -81,6 +80,7 @@ def on_rank0(fn, device, what, *args):
     if dist.get_rank() == 0:
         try:
             result = fn(*args)
+            json.dumps(result)  # a result that can't be sent fails here, on rank 0, and is told too
         except Exception as err:  # told to the other ranks below, then re-raised as it is
             failure = err
     reply = broadcast_json({"result": result if failure is None else None,

@@ -49,18 +49,6 @@ class MetricsLog:
             raise ConfigError("--wandb_log needs Weights & Biases: pip install wandb") from err
         self.wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out_dir)
 
-    def start(self, step: int):
-        """Collective. Keep the lines up to `step` (the checkpoint resumed from; 0 on a fresh start
-        drops an earlier attempt's lines, whose step-0 eval is recorded again)."""
-        on_rank0(self._keep_until, self.device, f"prepare {self.path}", step)
-
-    def _keep_until(self, step):
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            kept = [line for line in f if step > 0 and json.loads(line)["step"] <= step]
-        write_atomic(self.path, "".join(kept))
-
     def record(self, step: int, metrics: dict) -> dict:
         """Collective. Append one line: the step and each metric rounded to 6 digits; returns it."""
         line = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
@@ -76,6 +64,17 @@ class MetricsLog:
     def close(self):
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def keep_metrics_until(out_dir, step: int):
+    """Keep metrics.jsonl's lines up to `step` (the checkpoint resumed from); step 0, a fresh
+    start, drops an earlier attempt's lines (its step-0 eval is recorded again)."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if step > 0 and json.loads(line)["step"] <= step]
+    write_atomic(path, "".join(kept))
 
 
 def write_config(cfg: TrainConfig):

@@ -180,9 +180,7 @@ def validate(cfg: TrainConfig):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
     if cfg.precompute_reference and cfg.reference_free:
         raise ConfigError("precompute_reference and reference_free exclude each other")
-    if cfg.sharding == "none" and cfg.precision != "fp32":
-        raise ConfigError(f"sharding=none trains in fp32 only: mixed precision ({cfg.precision}) comes from FSDP's "
-                          "MixedPrecisionPolicy. Use sharding=full, which also runs as one process")
+    check_sharding(cfg)
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -224,6 +222,17 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+def check_sharding(cfg: TrainConfig, world_size: int = 1):
+    """sharding=none is a plain module: one process, fp32 (mixed precision is FSDP's policy). Checked
+    by validate() and again by parallel.setup_distributed, which knows the world size (and is what
+    the benchmarks call)."""
+    if cfg.sharding == "none" and world_size > 1:
+        raise ConfigError(f"sharding=none runs without FSDP and needs one process, got world size {world_size}")
+    if cfg.sharding == "none" and cfg.precision != "fp32":
+        raise ConfigError(f"sharding=none trains in fp32 only: mixed precision ({cfg.precision}) comes from FSDP's "
+                          "MixedPrecisionPolicy. Use sharding=full, which also runs as one process")
 
 
 def logps_average(cfg: TrainConfig) -> bool:

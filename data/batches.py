@@ -112,7 +112,9 @@ def rank_slice(items: list, rank: int, world_size: int) -> list:
     """The contiguous part of one global batch that `rank` takes; the ranks' parts partition it."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank_slice: rank {rank} is outside 0..{world_size - 1} (world_size={world_size})")
-    check_batch_sizes(len(items), 1, world_size)
+    if len(items) % world_size != 0:  # the trainer's check_batch_sizes has refused such a config already
+        raise ValueError(f"rank_slice: a global batch of {len(items)} cannot be split evenly over {world_size} "
+                         f"ranks; make the global batch size a multiple of the world size")
     per_rank = len(items) // world_size
     return items[rank * per_rank:(rank + 1) * per_rank]
 

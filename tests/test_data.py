@@ -339,7 +339,7 @@ def test_rank_slices_partition_global_batch(world_size):
 
 
 def test_rank_slice_errors():
-    with pytest.raises(ValueError, match=r"batch_size \(6\) must be a multiple of micro_batch_size \(1\) x world size \(4\)"):
+    with pytest.raises(ValueError, match="multiple of the world size"):
         rank_slice(list(range(6)), 0, 4)
     with pytest.raises(ValueError, match="rank 2"):
         rank_slice(list(range(4)), 2, 2)
