@@ -19,8 +19,6 @@ import re
 import shutil
 import signal
 
-import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -32,6 +30,12 @@ STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 def checkpoint_root(out_dir):
     return os.path.join(out_dir, "checkpoints")
+
+
+def step_dirs(out_dir, step) -> tuple[str, str]:
+    """(the complete checkpoint's directory, the one it is written in first) of a step."""
+    root = checkpoint_root(out_dir)
+    return os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
 
 
 def complete_checkpoints(out_dir) -> list[tuple[int, str]]:
@@ -62,9 +66,7 @@ def remove_partial_checkpoints(out_dir, log=print):
 
 def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: int, device):
     """Collective: every rank calls it. train_state is JSON (step, data position, loss scale...)."""
-    root = checkpoint_root(out_dir)
-    final = os.path.join(root, f"step_{step:06d}")
-    tmp = os.path.join(root, f".tmp_step_{step:06d}")
+    final, tmp = step_dirs(out_dir, step)
     on_rank0(make_empty_dir, device, f"create {tmp}", tmp)
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
@@ -86,7 +88,7 @@ def complete_checkpoint(out_dir, step, train_state: dict, keep: int):
     """Rank 0, after every rank's shards are written: train_state.json with every file's size and
     sha256, then the rename that makes the checkpoint visible; then old ones are deleted."""
     root = checkpoint_root(out_dir)
-    final, tmp = os.path.join(root, f"step_{step:06d}"), os.path.join(root, f".tmp_step_{step:06d}")
+    final, tmp = step_dirs(out_dir, step)
     if os.environ.get("GPT2_DPO_FAULT") == f"kill_during_save:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
     files = {name: file_fingerprint(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
@@ -112,20 +114,26 @@ def file_fingerprint(path):
     return [os.path.getsize(path), digest.hexdigest()]
 
 
-def verify_files(path) -> str | None:
-    """None if every file listed in train_state.json is there with its size and sha256; else what
-    differs, naming the file (fsdp_train.verify_checkpoint turns it into an error)."""
+def verify_checkpoint(path):
+    """Refuse to resume from a checkpoint unless every file listed in train_state.json is there with
+    its size and sha256; the error names the file."""
     with open(os.path.join(path, "train_state.json")) as f:
         expected = json.load(f).get("files", {})
     for name, (size, digest) in expected.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            return f"{file}: missing from the checkpoint"
-        actual_size, actual_digest = file_fingerprint(file)
-        if actual_size != size:
-            return f"{file}: {actual_size} bytes, the checkpoint recorded {size} (truncated or overwritten)"
-        if actual_digest != digest:
-            return f"{file}: sha256 differs from the one recorded at save time (corrupted)"
+        problem = file_problem(os.path.join(path, name), size, digest)
+        if problem:
+            raise CheckpointError(f"cannot resume: {problem}. Move the checkpoint away to resume from an older "
+                                  "one, or use another out_dir.")
+
+
+def file_problem(file, size, digest) -> str | None:
+    if not os.path.isfile(file):
+        return f"{file}: missing from the checkpoint"
+    actual_size, actual_digest = file_fingerprint(file)
+    if actual_size != size:
+        return f"{file}: {actual_size} bytes, the checkpoint recorded {size} (truncated or overwritten)"
+    if actual_digest != digest:
+        return f"{file}: sha256 differs from the one recorded at save time (corrupted)"
     return None
 
 

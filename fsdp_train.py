@@ -5,8 +5,9 @@
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_endpoint HOST:29500 fsdp_train.py ...
 
 Read top to bottom: data, the training step, one step's micro-batches, metrics and log lines,
-start or resume, the reference cache and samples, then main() — the run as a table of contents —
-and run(), the one error boundary. The distributed set-up and the models are parallel.py's.
+start or resume, then main() — the run as a table of contents — and run(), the one error
+boundary. The distributed set-up and the models are parallel.py's; the run directory's files
+run_dir.py's; evaluation, samples and the precomputed reference evaluation.py's.
 Launching the same command again on an out_dir with a complete checkpoint resumes from it.
 """
 import json
@@ -26,7 +27,7 @@ from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, ep
                           pairs_of, rank_slice, split_groups, truncate_groups)
 from data.formats import load_preferences
 from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
-from errors import CheckpointError, ConfigError, TrainingStopped
+from errors import ConfigError, TrainingStopped
 from evaluation import evaluate, precompute_reference_logps, sample_texts
 from gpt2 import write_hf_checkpoint
 from optim import lr_at
@@ -145,7 +146,8 @@ def assemble_step(step, train_pairs, cfg, rank, world, device, cached_reference_
              else epoch_order(len(train_pairs), cfg.seed, epoch))
     global_batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
     local = rank_slice(global_batch, rank, world)
-    micro_batches, reference_logps, n_tokens = [], [], 0
+    micro_batches, n_tokens = [], 0
+    reference_logps = None if cached_reference_logps is None else []
     for start in range(0, len(local), cfg.micro_batch_size):
         indices = local[start:start + cfg.micro_batch_size]
         pairs = [train_pairs[i] for i in indices]
@@ -153,8 +155,7 @@ def assemble_step(step, train_pairs, cfg, rank, world, device, cached_reference_
         if cached_reference_logps is not None:
             reference_logps.append(cached_reference_logps[torch.tensor(indices, device=device)])
         n_tokens += sum(2 * len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
-    return StepInput(epoch, global_batch, micro_batches, reference_logps if cached_reference_logps is not None else None,
-                     n_tokens)
+    return StepInput(epoch, global_batch, micro_batches, reference_logps, n_tokens)
 
 
 def count_bad_step(step, metrics, grad_norm, step_input, scaler, bad_steps, cfg, log) -> int:
@@ -233,7 +234,7 @@ def start_or_resume(cfg, identity, state, device, log) -> int:
         on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity)
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
     if checkpoints:
-        on_rank0(verify_checkpoint, device, f"verify {path}", path)
+        on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
         train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
         step, state.scaler.scale, state.scaler.good_steps = (train_state["step"], train_state["loss_scale"],
                                                              train_state["good_steps"])
@@ -241,13 +242,6 @@ def start_or_resume(cfg, identity, state, device, log) -> int:
     on_rank0(write_config, device, f"write {cfg.out_dir}/config.yaml", cfg)
     on_rank0(keep_metrics_until, device, f"prepare {cfg.out_dir}/metrics.jsonl", cfg.out_dir, step)
     return step
-
-
-def verify_checkpoint(path):
-    problem = checkpoint.verify_files(path)
-    if problem:
-        raise CheckpointError(f"cannot resume: {problem}. Move the checkpoint away to resume from an older one, "
-                              "or use another out_dir.")
 
 
 def save(cfg, state, step, steps_per_epoch, identity, device):

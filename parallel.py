@@ -136,21 +136,23 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
     """(GPTConfig, full state dict on rank 0 / None elsewhere). Only rank 0 reads the weights;
     set_model_state_dict then broadcasts them tensor by tensor into every rank's shards, so no
     other rank ever holds a full copy."""
-    state_dict = {}
-
-    def read_config_and_weights():
-        if cfg.init_from == "scratch":
-            config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
-            state_dict.update(GPT(config).init_weights(seed=cfg.seed).state_dict())
-        else:
-            path = resolve_checkpoint_dir(cfg.init_from)
-            config = read_hf_config(path)
-            state_dict.update(read_hf_state_dict(path, config))
-            state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
-        return dataclasses.asdict(config)
-
-    config = GPTConfig(**on_rank0(read_config_and_weights, device, f"read the weights of {cfg.init_from!r}"))
+    state_dict = {}  # filled on rank 0
+    config = GPTConfig(**on_rank0(read_weights_into, device, f"read the weights of {cfg.init_from!r}", cfg, state_dict))
     return config, (state_dict if rank == 0 else None)
+
+
+def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:
+    """Rank 0: fill state_dict with the starting weights; return the GPTConfig as a dict (it is sent
+    to the other ranks)."""
+    if cfg.init_from == "scratch":
+        config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
+        state_dict.update(GPT(config).init_weights(seed=cfg.seed).state_dict())
+    else:
+        path = resolve_checkpoint_dir(cfg.init_from)
+        config = read_hf_config(path)
+        state_dict.update(read_hf_state_dict(path, config))
+        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+    return dataclasses.asdict(config)
 
 
 def reference_precision_name(cfg: TrainConfig) -> str:

@@ -1,21 +1,12 @@
 """evaluation.py's KL estimate against the exact KL of next-token distributions."""
 import math
 
-import pytest
 import torch
-import torch.distributed as dist
 
 from data.batches import Pair
 from evaluation import evaluate
 from gpt2 import GPT, GPTConfig
 from train_config import TrainConfig
-
-
-@pytest.fixture
-def one_process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def peaky_model(seed):

@@ -47,11 +47,11 @@ class Finished:
     stderr: str
 
 
-def run_in_process(args, env=None) -> Finished:
+def run_in_process(args) -> Finished:
     """fsdp_train.run(args) here, as `python fsdp_train.py ARGS` would run it: its output captured,
     an exception that escapes it printed as the interpreter would (exit 1)."""
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), environment(env or {}):
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
             returncode = fsdp_train.run([str(a) for a in args])
         except Exception:  # noqa: BLE001 -- what an uncaught exception does to a process: traceback, exit 1
@@ -60,23 +60,9 @@ def run_in_process(args, env=None) -> Finished:
     return Finished(returncode, stdout.getvalue(), stderr.getvalue())
 
 
-@contextlib.contextmanager
-def environment(variables):
-    saved = {k: os.environ.get(k) for k in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k)
-            else:
-                os.environ[k] = v
-
-
-def run_python(out_dir, *extra, check=True, env=None):
+def run_python(out_dir, *extra, check=True):
     """One training run of TINY (plus extra flags) into out_dir, in this process."""
-    result = run_in_process([*TINY, f"--out_dir={out_dir}", *extra], env)
+    result = run_in_process([*TINY, f"--out_dir={out_dir}", *extra])
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

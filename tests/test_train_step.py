@@ -4,7 +4,6 @@ decay groups, gradient clipping. Same starting weights; loss, gradient norm and 
 weight must agree in fp32. In-process, on a one-process gloo group (FSDP over one rank)."""
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -17,13 +16,6 @@ from parallel import build_training_state
 from train_config import TrainConfig
 
 BETA, LR, GRAD_CLIP, WEIGHT_DECAY = 0.1, 1e-3, 0.05, 0.1  # the clip binds: the norm at init is larger
-
-
-@pytest.fixture
-def one_process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
