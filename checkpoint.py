@@ -153,14 +153,15 @@ def load_checkpoint(path, model, optimizer) -> dict:
     return train_state
 
 
-def check_compatible(path, expected: dict):
+def check_compatible(path, expected: dict, hints: dict | None = None):
     """Refuse a checkpoint whose run identity (model shape, data, objective...) differs from this
-    run's, naming what differs."""
+    run's, naming what differs; hints[key] says what a difference in `key` means."""
     with open(os.path.join(path, "train_state.json")) as f:
         saved = json.load(f)["identity"]
     # checkpoints from before reference_precision existed kept the reference in the training precision
     saved.setdefault("reference_precision", saved.get("precision"))
     differs = [f"{key}: checkpoint {saved.get(key)!r} vs this run {value!r}"
+               + (f" ({hints[key]})" if key in (hints or {}) else "")
                for key, value in expected.items() if saved.get(key) != value]
     if differs:
         raise CheckpointError(f"{path}: checkpoint does not match this run's config: " + "; ".join(differs) +

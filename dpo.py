@@ -8,6 +8,7 @@ Every loss here is a function of one number per preference pair, the log-ratio m
 differ only in what they do with beta * h; see `preference_loss`.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,16 +54,11 @@ def token_logps(logits, targets):
     return _TokenLogps.apply(logits, targets)
 
 
-def response_logps(model, input_ids, response_mask, attention_mask=None, average=False):
-    """Sum over response tokens of log p(token | everything before it): (B,) fp32.
-
-    input_ids: (B, T) prompt + response (+ right padding); response_mask: (B, T) bool, True at the
-    response tokens being scored. The token at t is predicted by the logits at t - 1, so the LM head
-    runs only at positions t - 1 for response tokens t (the model's logits_at): at 64 + 24 tokens
-    that is 24 of 88 rows of the largest matmul, and the (rows, 50257) logits are all that is kept.
-    average=True divides by the number of response tokens (IPO's length-normalised log-probs).
-    attention_mask: None for right-padded batches (plain causal attention is exact there).
-    """
+def _logits_and_targets(model, input_ids, response_mask, attention_mask):
+    """The LM head's (N, V) logits at the positions that predict response tokens, their (N,)
+    targets, and each token's (N,) row. The token at t is predicted by the logits at t - 1, so the
+    LM head runs only at positions t - 1 for response tokens t (the model's logits_at): at 64 + 24
+    tokens that is 24 of 88 rows of the largest matmul."""
     if response_mask[:, 0].any():
         raise ValueError("a response token at position 0 has no prefix to be predicted from; "
                          "every sequence needs at least one prompt token")
@@ -70,41 +66,74 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
     head_mask[:, :-1] = response_mask[:, 1:]  # (B, T): positions whose logits predict a response token
     logits = model(input_ids, attention_mask=attention_mask, logits_at=head_mask)  # (N, V)
     targets = input_ids[:, 1:][response_mask[:, 1:]]  # (N,), same row-major order as the packed logits
-    per_token = token_logps(logits, targets)  # (N,)
     row_of_token = torch.arange(input_ids.size(0), device=input_ids.device)[:, None].expand_as(head_mask)[head_mask]
-    logps = torch.zeros(input_ids.size(0), dtype=torch.float32, device=input_ids.device)
-    logps = logps.index_add(0, row_of_token, per_token)  # (B,)
+    return logits, targets, row_of_token
+
+
+def _sum_per_sequence(values, sequence_of_value, n_sequences):
+    """(N,) values -> (n_sequences,) fp32 sums, without a host sync."""
+    sums = torch.zeros(n_sequences, dtype=torch.float32, device=values.device)
+    return sums.index_add(0, sequence_of_value, values.float())
+
+
+def response_logps(model, input_ids, response_mask, attention_mask=None, average=False):
+    """Sum over response tokens of log p(token | everything before it): (B,) fp32.
+
+    input_ids: (B, T) prompt + response (+ right padding); response_mask: (B, T) bool, True at the
+    response tokens being scored. average=True divides by the number of response tokens.
+    attention_mask: None for right-padded batches (plain causal attention is exact there).
+    """
+    logits, targets, row_of_token = _logits_and_targets(model, input_ids, response_mask, attention_mask)
+    logps = _sum_per_sequence(token_logps(logits, targets), row_of_token, input_ids.size(0))  # (B,)
     if average:
         logps = logps / response_mask.sum(-1).clamp(min=1)
     return logps
 
 
-def shared_prompt_logps(model, batch: PackedBatch, average=False):
-    """(2B,) chosen-then-rejected log-probs from a batch of collate_pairs_shared_prompt: one packed
-    row per prompt, [prompt | response | ...], the prompt computed once for all its responses."""
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   logits_at=batch.predictor_index)  # (N, V)
-    per_token = token_logps(logits, batch.target_ids)  # (N,)
-    slot_lengths = batch.slot_lengths
-    slot_logps = torch.zeros(slot_lengths.size(0), dtype=torch.float32, device=per_token.device)
-    slot_logps = slot_logps.index_add(0, batch.target_slot, per_token)  # (S,): one per distinct response
-    if average:
-        slot_logps = slot_logps / slot_lengths
-    return torch.cat([slot_logps[batch.chosen_slot], slot_logps[batch.rejected_slot]])  # (2B,)
+@dataclass
+class PairLogps:
+    """One forward over a batch of B pairs, per pair: (B,) fp32 tensors. Log-probs are summed over
+    each response's tokens; `sequence_logps(average=True)` gives them per token (IPO's)."""
+    chosen: torch.Tensor  # summed log-probs of the chosen response
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor  # scored tokens in each response
+    rejected_tokens: torch.Tensor
+    chosen_logits: torch.Tensor  # detached: the sum over the response's tokens of the mean logit over the vocabulary
+    rejected_logits: torch.Tensor
+
+    def sequence_logps(self, average: bool):
+        """(chosen, rejected) log-probs as a loss takes them: summed, or averaged per token."""
+        if average:
+            return self.chosen / self.chosen_tokens, self.rejected / self.rejected_tokens
+        return self.chosen, self.rejected
 
 
-def concatenated_logps(model, batch: PairBatch | PackedBatch, average=False):
-    """Chosen and rejected log-probs, (B,) each, from ONE forward pass: one all-gather of each FSDP
+def concatenated_logps(model, batch: PairBatch | PackedBatch) -> PairLogps:
+    """Chosen and rejected log-probs of every pair from ONE forward pass: one all-gather of each FSDP
     unit instead of two. The batch is either a PairBatch, 2B rows (0..B-1 chosen, B..2B-1
-    rejected), or a PackedBatch, one row per prompt (the prompt runs once)."""
+    rejected), or a PackedBatch, one row per prompt [prompt | response | ...], the prompt computed
+    once for all its responses (each distinct response, a "slot", scored once)."""
     if isinstance(batch, PackedBatch):
-        logps = shared_prompt_logps(model, batch, average=average)
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                       logits_at=batch.predictor_index)  # (N, V)
+        targets, sequence_of_token, n_sequences = batch.target_ids, batch.target_slot, batch.slot_lengths.size(0)
+        lengths = batch.slot_lengths
+        chosen, rejected = batch.chosen_slot, batch.rejected_slot
     elif isinstance(batch, PairBatch):
-        logps = response_logps(model, batch.input_ids, batch.response_mask, average=average)
+        logits, targets, sequence_of_token = _logits_and_targets(model, batch.input_ids, batch.response_mask, None)
+        n_sequences = batch.input_ids.size(0)
+        lengths = batch.response_mask.sum(-1)
+        chosen = torch.arange(n_sequences // 2, device=lengths.device)
+        rejected = chosen + n_sequences // 2
     else:
         raise TypeError(f"concatenated_logps: expected a PairBatch or a PackedBatch, got {type(batch).__name__}")
-    n_pairs = logps.size(0) // 2
-    return logps[:n_pairs], logps[n_pairs:]
+    logps = _sum_per_sequence(token_logps(logits, targets), sequence_of_token, n_sequences)  # (S,)
+    # TRL's logits/chosen and logits/rejected: one reduction over the logits that exist anyway
+    logit_sums = _sum_per_sequence(logits.detach().mean(-1, dtype=torch.float32), sequence_of_token, n_sequences)
+    lengths = lengths.float()
+    return PairLogps(logps[chosen], logps[rejected], lengths[chosen], lengths[rejected],
+                     logit_sums[chosen], logit_sums[rejected])
+
 
 # --- losses
 
@@ -148,9 +177,9 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
     reference_free=True takes the reference log-probs as 0 everywhere (in h and in the rewards);
     the reference tensors are then ignored and may be None.
 
-    Returns (losses, chosen_rewards, rejected_rewards), each (B,) fp32. The rewards are the
-    implicit DPO rewards beta * (policy - reference) log-probs, detached: they are for logging.
-    Everything is computed in fp32 even for bf16/fp16 inputs; gradients flow back to the inputs.
+    Returns (losses, chosen_rewards, rejected_rewards), each (B,). The rewards are the implicit DPO
+    rewards beta * (policy - reference) log-probs, detached. Everything is computed in fp32 for
+    bf16/fp16/fp32 inputs and in fp64 for fp64 ones; gradients flow back to the inputs.
     """
     check_loss_settings(beta, loss_type, label_smoothing)
     named = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps}
@@ -167,15 +196,15 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
         raise ValueError(f"log-prob inputs must all have the same shape (B,), one sequence log-prob per "
                          f"preference pair; got {shapes}")
 
-    # Upcast before any arithmetic: in bf16, (-256) - (-1.0078125) already rounds to -255.
-    policy_chosen_logps = policy_chosen_logps.float()
-    policy_rejected_logps = policy_rejected_logps.float()
+    # Upcast before any arithmetic: in bf16, (-256) - (-1.0078125) already rounds to -255. Never
+    # down: fp64 inputs are computed in fp64.
+    policy_chosen_logps, policy_rejected_logps = _at_least_fp32(policy_chosen_logps), _at_least_fp32(policy_rejected_logps)
     if reference_free:
         reference_chosen_logps = torch.zeros_like(policy_chosen_logps)
         reference_rejected_logps = torch.zeros_like(policy_rejected_logps)
     else:
-        reference_chosen_logps = reference_chosen_logps.float()
-        reference_rejected_logps = reference_rejected_logps.float()
+        reference_chosen_logps = _at_least_fp32(reference_chosen_logps)
+        reference_rejected_logps = _at_least_fp32(reference_rejected_logps)
 
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
@@ -200,22 +229,54 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
     return losses, chosen_rewards, rejected_rewards
 
 
+def _at_least_fp32(tensor):
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def dpo_loss(policy: PairLogps, reference_chosen_logps, reference_rejected_logps, beta, loss_type="sigmoid",
+             label_smoothing=0.0, reference_free=False, average=False):
+    """Per-pair losses and their logging metrics from the policy's PairLogps and the reference's
+    SUMMED log-probs ((B,) each; None when reference_free). average=True hands the loss per-token
+    averages (IPO's, logps=auto); the metrics stay on summed log-probs either way (preference_metrics)."""
+    policy_chosen, policy_rejected = policy.sequence_logps(average)
+    reference_chosen = reference_rejected = None
+    if not reference_free:
+        reference_chosen, reference_rejected = reference_chosen_logps, reference_rejected_logps
+        if average:  # the same responses, so the policy's token counts
+            reference_chosen, reference_rejected = (reference_chosen / policy.chosen_tokens,
+                                                    reference_rejected / policy.rejected_tokens)
+    losses, _, _ = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=beta,
+                                   loss_type=loss_type, label_smoothing=label_smoothing, reference_free=reference_free)
+    metrics = preference_metrics(losses, policy, None if reference_free else reference_chosen_logps,
+                                 None if reference_free else reference_rejected_logps, beta)
+    return losses, metrics
+
+
 # --- metrics
 
-def preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps):
+def preference_metrics(losses, policy: PairLogps, reference_chosen_logps, reference_rejected_logps, beta):
     """Batch means for logging, as 0-dim fp32 tensors left on the inputs' device and detached.
 
+    Rewards are beta * (policy - reference) SUMMED log-probs (reference None: 0) and logps/* are
+    summed, whatever the loss was computed on (IPO trains on per-token averages), as TRL logs them:
+    dashboards of different loss types share one scale. logits/* is the mean logit over the
+    vocabulary and the scored tokens of the batch's chosen (rejected) responses, as TRL's.
     No .item() here: the trainer all-reduces these and syncs with the host once per log step.
-    Names follow TRL's so dashboards read the same.
     """
-    chosen_rewards = chosen_rewards.detach().float()
-    rejected_rewards = rejected_rewards.detach().float()
+    policy_chosen, policy_rejected = policy.chosen.detach().float(), policy.rejected.detach().float()
+    if reference_chosen_logps is None:
+        chosen_rewards, rejected_rewards = beta * policy_chosen, beta * policy_rejected
+    else:
+        chosen_rewards = beta * (policy_chosen - reference_chosen_logps.detach().float())
+        rejected_rewards = beta * (policy_rejected - reference_rejected_logps.detach().float())
     return {
         "loss": losses.detach().float().mean(),
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": policy_chosen_logps.detach().float().mean(),
-        "logps/rejected": policy_rejected_logps.detach().float().mean(),
+        "logps/chosen": policy_chosen.mean(),
+        "logps/rejected": policy_rejected.mean(),
+        "logits/chosen": policy.chosen_logits.sum() / policy.chosen_tokens.sum(),
+        "logits/rejected": policy.rejected_logits.sum() / policy.rejected_tokens.sum(),
     }

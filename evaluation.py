@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
-from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
+from dpo import PairLogps, concatenated_logps, dpo_loss, response_logps
 from parallel import on_rank0
 from run_dir import write_atomic
 from train_config import logps_average, shares_prompt
@@ -36,12 +36,21 @@ def map_pairs(pairs, fn, cfg, rank, world, device):
     return torch.cat(gathered)[:len(pairs)]
 
 
-def pair_logps(model, cfg):
-    """batch -> (B, 2) chosen and rejected log-probs, computed without autograd."""
+PAIR_LOGPS_COLUMNS = 6  # chosen, rejected (summed log-probs), their token counts, their logit sums
+
+
+def pair_logps(model):
+    """batch -> (B, 6) PairLogps columns, computed without autograd (see as_pair_logps)."""
     @torch.no_grad()
-    def chosen_and_rejected(batch):
-        return torch.stack(concatenated_logps(model, batch, average=logps_average(cfg)), dim=-1)
-    return chosen_and_rejected
+    def columns(batch):
+        logps = concatenated_logps(model, batch)
+        return torch.stack([logps.chosen, logps.rejected, logps.chosen_tokens, logps.rejected_tokens,
+                            logps.chosen_logits, logps.rejected_logits], dim=-1)
+    return columns
+
+
+def as_pair_logps(columns) -> PairLogps:
+    return PairLogps(*columns.unbind(-1))
 
 
 @torch.no_grad()
@@ -65,18 +74,19 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
     policy.eval()
     metrics = {}
     if eval_pairs:
-        policy_logps = map_pairs(eval_pairs, pair_logps(policy, cfg), cfg, rank, world, device)  # (N, 2)
+        policy_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(policy), cfg, rank, world, device))
         if cfg.objective == "sft" or cfg.reference_free:
-            reference_logps = torch.zeros_like(policy_logps)
-        elif reference_eval_logps is not None:
-            reference_logps = reference_eval_logps
+            reference_logps = None
+        elif reference_eval_logps is not None:  # (N, 2) summed, precomputed
+            reference_logps = reference_eval_logps.unbind(-1)
         else:
-            reference_logps = map_pairs(eval_pairs, pair_logps(reference, cfg), cfg, rank, world, device)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            *policy_logps.unbind(-1), *reference_logps.unbind(-1), beta=cfg.beta,
-            loss_type="sigmoid" if cfg.objective == "sft" else cfg.loss_type,
-            label_smoothing=0.0 if cfg.objective == "sft" else cfg.label_smoothing)
-        metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, *policy_logps.unbind(-1))
+            reference_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(reference), cfg, rank, world, device))
+            reference_logps = reference_logps.chosen, reference_logps.rejected
+        sft = cfg.objective == "sft"
+        _, metrics = dpo_loss(policy_logps, *(reference_logps or (None, None)), beta=cfg.beta,
+                              loss_type="sigmoid" if sft else cfg.loss_type,
+                              label_smoothing=0.0 if sft else cfg.label_smoothing,
+                              reference_free=reference_logps is None, average=logps_average(cfg))
     if cfg.objective == "sft":  # the preference loss above is not what SFT trains: don't log it as "loss"
         metrics.pop("loss", None)
     if reference is not None and cfg.kl_samples > 0 and eval_pairs:
@@ -112,8 +122,9 @@ def sample_texts(model, prompts, cfg, device):
 # ----------------------------------------------------------------------------- the reference's log-probs, once
 
 def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, world, device, identity):
-    """Reference log-probs of every pair, cached in out_dir/reference_logps.safetensors.
-    The cache is reused only when its fingerprint (the run identity) matches."""
+    """Reference log-probs of every pair ((N, 2) chosen, rejected, summed over tokens), cached in
+    out_dir/reference_logps.safetensors. The cache is reused only when its key, the run identity
+    (which holds the fingerprints of the data and of the starting weights), matches."""
     path = os.path.join(cfg.out_dir, "reference_logps.safetensors")
     fingerprint = json.dumps(identity, sort_keys=True)
     if os.path.isfile(path):
@@ -121,8 +132,8 @@ def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, wo
         with open(path + ".json") as f:
             if f.read() == fingerprint:
                 return cached["train"], cached["eval"]
-    train = map_pairs(train_pairs, pair_logps(reference, cfg), cfg, rank, world, device)
-    evals = (map_pairs(eval_pairs, pair_logps(reference, cfg), cfg, rank, world, device) if eval_pairs
+    train = map_pairs(train_pairs, pair_logps(reference), cfg, rank, world, device)[:, :2].contiguous()  # (N, 2) summed
+    evals = (map_pairs(eval_pairs, pair_logps(reference), cfg, rank, world, device)[:, :2].contiguous() if eval_pairs
              else torch.zeros(0, 2, device=device))
     on_rank0(write_reference_cache, device, f"write {path}", path, train, evals, fingerprint)
     return train, evals

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import checkpoint
-from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, epoch_order, grouped_epoch_order,
-                          pairs_of, rank_slice, split_groups, truncate_groups)
+from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, data_fingerprint, epoch_order,
+                          grouped_epoch_order, pairs_of, rank_slice, split_groups, truncate_groups)
 from data.formats import load_preferences
-from dpo import concatenated_logps, preference_loss, preference_metrics, response_logps
+from dpo import concatenated_logps, dpo_loss, response_logps
 from errors import ConfigError, TrainingStopped
 from evaluation import evaluate, precompute_reference_logps, sample_texts
 from gpt2 import write_hf_checkpoint
@@ -35,11 +35,12 @@ from parallel import (BAD_INPUT, build_training_state, needs_reference_model, on
                       setup_distributed)
 from run_dir import (MetricsLog, check_writable, keep_metrics_until, write_config, write_samples_before,
                      write_samples_table)
-from train_config import TrainConfig, logps_average, parse_args, shares_prompt
+from train_config import TrainConfig, data_options, logps_average, parse_args, shares_prompt
 
-# Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them.
-RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "dataset", "data_path",
-                     "max_records", "max_prompt_len", "max_len", "eval_fraction", "objective", "loss_type",
+# Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them,
+# and on the fingerprints of its data and starting weights (run_identity). The data's file, format
+# and length settings are in the data fingerprint: the same tokens from a moved file still resume.
+RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
                      "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "epochs", "seed",
                      "precision", "reference_precision", "group_order")
@@ -48,43 +49,42 @@ RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", 
 # ----------------------------------------------------------------------------- data
 
 def load_data(cfg: TrainConfig):
-    """Files -> (train pairs, eval pairs, counts). Runs before any process group or GPU work, so
-    bad data stops the run before anything is written."""
-    groups, counts = load_preferences(cfg.dataset, cfg.data_path, **(
-        {"max_records": cfg.max_records or None} if cfg.dataset == "lm_human_preferences" else {}))
-    groups, counts["dropped_truncated_empty"] = truncate_groups(groups, cfg.max_prompt_len, cfg.max_len)
+    """Files -> (train pairs, eval pairs, counts, the data's sha256). Runs before any process group
+    or GPU work, so bad data stops the run before anything is written."""
+    groups, counts = load_preferences(cfg.dataset, cfg.data_path, **data_options(cfg))
+    groups, counts["dropped_by_truncation"] = truncate_groups(groups, cfg.max_prompt_len, cfg.max_len)
     train_groups, eval_groups = split_groups(groups, cfg.eval_fraction, cfg.seed)
     train_pairs, eval_pairs = pairs_of(train_groups), pairs_of(eval_groups)
-    counts |= {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
+    counts |= {"train_prompts": len(train_groups), "eval_prompts": len(eval_groups),
+               "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
     if len(train_pairs) < cfg.batch_size:
         raise ConfigError(f"{len(train_pairs)} training pairs is fewer than batch_size={cfg.batch_size}")
-    return train_pairs, eval_pairs, counts
+    return train_pairs, eval_pairs, counts, data_fingerprint(groups)
 
 
 # ----------------------------------------------------------------------------- the training step
 
 def batch_loss(policy, reference, batch: PairBatch | PackedBatch, cfg, reference_logps=None):
     """Mean loss and metrics of one micro-batch. One forward over chosen+rejected for the policy,
-    one for the reference, unless reference_logps ((B, 2) chosen, rejected) were precomputed."""
-    average = logps_average(cfg)
+    one for the reference, unless reference_logps ((B, 2) summed chosen, rejected) were precomputed."""
     if cfg.objective == "sft":  # negative log-likelihood per chosen-response token
         n_pairs = batch.input_ids.size(0) // 2
         chosen_mask = batch.response_mask[:n_pairs]
         chosen_logps = response_logps(policy, batch.input_ids[:n_pairs], chosen_mask)
         loss = -chosen_logps.sum() / chosen_mask.sum()
         return loss, {"loss": loss.detach(), "logps/chosen": chosen_logps.detach().mean()}
-    policy_chosen, policy_rejected = concatenated_logps(policy, batch, average=average)
+    policy_logps = concatenated_logps(policy, batch)
     if cfg.reference_free:
         reference_chosen = reference_rejected = None
     elif reference_logps is not None:
         reference_chosen, reference_rejected = reference_logps.unbind(-1)
     else:
         with torch.no_grad():
-            reference_chosen, reference_rejected = concatenated_logps(reference, batch, average=average)
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=cfg.beta,
-        loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free)
-    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+            reference_pair_logps = concatenated_logps(reference, batch)
+        reference_chosen, reference_rejected = reference_pair_logps.chosen, reference_pair_logps.rejected
+    losses, metrics = dpo_loss(policy_logps, reference_chosen, reference_rejected, beta=cfg.beta,
+                               loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                               reference_free=cfg.reference_free, average=logps_average(cfg))
     return losses.mean(), metrics
 
 
@@ -216,10 +216,20 @@ def ignore(*args, **kwargs):
 
 # ----------------------------------------------------------------------------- start or resume
 
-def run_identity(cfg: TrainConfig) -> dict:
+def run_identity(cfg: TrainConfig, data_sha256: str, weights_sha256: str) -> dict:
+    """What a checkpoint must agree on to be resumed, and the reference cache to be reused."""
     identity = {k: getattr(cfg, k) for k in RUN_IDENTITY_KEYS}
     identity["reference_precision"] = reference_precision_name(cfg)  # "same" and its dtype are one run
-    return identity
+    return identity | {"data_sha256": data_sha256, "weights_sha256": weights_sha256}
+
+
+def identity_hints(cfg: TrainConfig) -> dict:
+    """What a differing fingerprint means, for the message that refuses the checkpoint."""
+    data = f"data_path={cfg.data_path!r}" if cfg.dataset != "demo" else "the demo set"
+    return {"data_sha256": f"the preference pairs read from {data} (dataset={cfg.dataset}) are not the ones this "
+                           "checkpoint was trained on",
+            "weights_sha256": f"the starting weights of init_from={cfg.init_from!r} are not the ones this "
+                              "checkpoint started from"}
 
 
 def start_or_resume(cfg, identity, state, device, log) -> int:
@@ -231,7 +241,7 @@ def start_or_resume(cfg, identity, state, device, log) -> int:
     step = 0
     if checkpoints:
         path = checkpoints[-1][1]
-        on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity)
+        on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity, identity_hints(cfg))
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
     if checkpoints:
         on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
@@ -264,7 +274,7 @@ def sample_prompts_of(eval_pairs, cfg):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    train_pairs, eval_pairs, counts = load_data(cfg)  # before any process group, GPU or file work
+    train_pairs, eval_pairs, counts, data_sha256 = load_data(cfg)  # before any process group, GPU or file work
     rank, world, device, mesh = setup_distributed(cfg)
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, world)
     log = log_on_rank0(rank)
@@ -279,7 +289,7 @@ def main(argv=None):
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    identity = run_identity(cfg)
+    identity = run_identity(cfg, data_sha256, state.weights_sha256)
     step = start_or_resume(cfg, identity, state, device, log)
     metrics_log = MetricsLog(cfg, device)  # W&B starts once the run directory is this run's
 
@@ -312,7 +322,8 @@ def main(argv=None):
         if step % cfg.log_every == 0 or step == last_step:
             values, tokens = reduce_across_ranks(metrics, grad_norm, window_tokens, world, device)
             now = time.time()
-            values |= {"lr": lr_at(step - 1, total_steps, cfg), "tokens_per_s": tokens / (now - t_window)}
+            values |= {"lr": lr_at(step - 1, total_steps, cfg), "tokens_per_s": tokens / (now - t_window),
+                       "epoch": step / steps_per_epoch}  # fractional, as TRL's
             metrics_log.record(step, values)
             eta_s = (now - t_start) / (step - step_start) * (last_step - step)
             log(format_log_line(f"step {step}/{last_step}", values, device, eta_s))

@@ -6,6 +6,7 @@ Used by fsdp_train.py and by both benchmarks (bench/throughput.py, bench/group_p
 models they time are the trainer's own.
 """
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -133,17 +134,17 @@ def parallelize(model: GPT, cfg: TrainConfig, mesh, param_dtype, trainable: bool
 
 
 def initial_weights(cfg: TrainConfig, rank: int, device):
-    """(GPTConfig, full state dict on rank 0 / None elsewhere). Only rank 0 reads the weights;
-    set_model_state_dict then broadcasts them tensor by tensor into every rank's shards, so no
-    other rank ever holds a full copy."""
+    """(GPTConfig, full state dict on rank 0 / None elsewhere, the weights' sha256). Only rank 0
+    reads the weights; set_model_state_dict then broadcasts them tensor by tensor into every rank's
+    shards, so no other rank ever holds a full copy."""
     state_dict = {}  # filled on rank 0
-    config = GPTConfig(**on_rank0(read_weights_into, device, f"read the weights of {cfg.init_from!r}", cfg, state_dict))
-    return config, (state_dict if rank == 0 else None)
+    read = on_rank0(read_weights_into, device, f"read the weights of {cfg.init_from!r}", cfg, state_dict)
+    return GPTConfig(**read["config"]), (state_dict if rank == 0 else None), read["weights_sha256"]
 
 
 def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:
-    """Rank 0: fill state_dict with the starting weights; return the GPTConfig as a dict (it is sent
-    to the other ranks)."""
+    """Rank 0: fill state_dict with the starting weights; return the GPTConfig as a dict and the
+    weights' fingerprint (both are sent to the other ranks)."""
     if cfg.init_from == "scratch":
         config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
         state_dict.update(GPT(config).init_weights(seed=cfg.seed).state_dict())
@@ -152,7 +153,18 @@ def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:
         config = read_hf_config(path)
         state_dict.update(read_hf_state_dict(path, config))
         state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
-    return dataclasses.asdict(config)
+    return {"config": dataclasses.asdict(config), "weights_sha256": weights_fingerprint(state_dict)}
+
+
+def weights_fingerprint(state_dict: dict) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order: the starting weights
+    themselves, wherever they were read from (about 2 s per GB)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def reference_precision_name(cfg: TrainConfig) -> str:
@@ -187,6 +199,7 @@ class TrainingState:
     reference: torch.nn.Module | None  # None without a live reference (sft, reference_free)
     optimizer: torch.optim.Optimizer
     scaler: LossScaler
+    weights_sha256: str  # of the starting weights: part of the run's identity and the reference cache's key
 
 
 def needs_reference_model(cfg: TrainConfig) -> bool:
@@ -195,9 +208,9 @@ def needs_reference_model(cfg: TrainConfig) -> bool:
 
 def build_training_state(cfg: TrainConfig, rank: int, device, mesh) -> TrainingState:
     """Policy and frozen reference from the same starting weights, AdamW, the loss scaler."""
-    config, full_state = initial_weights(cfg, rank, device)
+    config, full_state, weights_sha256 = initial_weights(cfg, rank, device)
     policy = build_model(config, full_state, cfg, mesh, device, trainable=True)
     reference = build_model(config, full_state, cfg, mesh, device, trainable=False) if needs_reference_model(cfg) else None
     del full_state
     return TrainingState(config, policy, reference, make_optimizer(policy, cfg),
-                         LossScaler(enabled=cfg.precision == "fp16"))
+                         LossScaler(enabled=cfg.precision == "fp16"), weights_sha256)

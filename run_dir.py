@@ -50,8 +50,8 @@ class MetricsLog:
         self.wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), dir=cfg.out_dir)
 
     def record(self, step: int, metrics: dict) -> dict:
-        """Collective. Append one line: the step and each metric rounded to 6 digits; returns it."""
-        line = {"step": step, **{k: round(float(v), 6) for k, v in metrics.items()}}
+        """Collective. Append one line: the step and each metric at full float precision; returns it."""
+        line = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         on_rank0(self._append, self.device, f"append to {self.path}", line)
         if self.wandb_run is not None:
             self.wandb_run.log(line, step=step)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from data.batches import check_batch_sizes, check_eval_fraction, check_lengths
-from data.formats import KINDS
+from data.formats import HUB_FORMATS, KINDS
 from dpo import LOSS_TYPES, check_loss_settings
 from errors import ConfigError
 from gpt2 import GPTConfig
@@ -39,9 +39,17 @@ class TrainConfig:
     n_embd: int = option(64, "width, with init_from=scratch")
     n_positions: int = option(128, "context length, with init_from=scratch")
     # --- data
-    dataset: str = option("demo", f"data format: one of {', '.join(KINDS)} (demo needs no file)")
+    dataset: str = option("demo", f"data format: one of {', '.join(KINDS)} (demo needs no file; jsonl reads TRL's "
+                          "explicit, implicit-prompt and conversational records; hub reads a dataset repo)")
     data_path: str = option("", "file to read (lm_human_preferences: a path, or 'sentiment'/'descriptiveness' to "
-                            "download OpenAI's offline_5k.json); ignored for demo")
+                            "download OpenAI's offline_5k.json; hub: 'org/name', 'org/name/subdir' or a local "
+                            "directory); ignored for demo")
+    split: str = option("train", "hub: the split whose files are read (train.jsonl, train-*.parquet, train/...)")
+    data_revision: str = option("", "hub: the dataset repo's branch, tag or commit ('' = main)")
+    hub_format: str = option("jsonl", f"hub: read the records as {' or '.join(HUB_FORMATS)} (HH-RLHF dialogues)")
+    append_eos: str = option("auto", "end every chosen and rejected response with <|endoftext|> (50256) and score "
+                             "it, as the DPO authors' code and TRL do: true, false, or auto (true for jsonl, hh, "
+                             "hub and demo; false for lm_human_preferences, whose samples are cut mid-text)")
     max_records: int = option(0, "keep only the first N records (0 = all; OpenAI trained on 4992 of offline_5k)")
     max_prompt_len: int = option(64, "prompt tokens kept; longer prompts keep their LAST tokens (the recent context)")
     max_len: int = option(88, "prompt + response tokens; responses are cut to max_len - prompt length")
@@ -104,7 +112,7 @@ class TrainConfig:
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft"), "loss_type": LOSS_TYPES,
     "logps": ("auto", "sum", "mean"), "lr_schedule": ("constant", "cosine"),
-    "precision": ("bf16", "fp16", "fp32"),
+    "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
     "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
 }
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
@@ -143,6 +151,8 @@ def coerce(key, value, source):
                 pass
     elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
+    elif isinstance(value, bool) and "true" in CHOICES.get(key, ()):  # YAML's `append_eos: true`
+        return str(value).lower()
     raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
 
 
@@ -233,6 +243,16 @@ def check_sharding(cfg: TrainConfig, world_size: int = 1):
     if cfg.sharding == "none" and cfg.precision != "fp32":
         raise ConfigError(f"sharding=none trains in fp32 only: mixed precision ({cfg.precision}) comes from FSDP's "
                           "MixedPrecisionPolicy. Use sharding=full, which also runs as one process")
+
+
+def data_options(cfg: TrainConfig) -> dict:
+    """load_preferences' keyword arguments for this config."""
+    options = {"append_eos": None if cfg.append_eos == "auto" else cfg.append_eos == "true"}
+    if cfg.dataset == "lm_human_preferences":
+        options["max_records"] = cfg.max_records or None
+    if cfg.dataset == "hub":
+        options |= {"split": cfg.split, "revision": cfg.data_revision or None, "hub_format": cfg.hub_format}
+    return options
 
 
 def logps_average(cfg: TrainConfig) -> bool:

@@ -3,12 +3,13 @@
 Everything here is a pure function of its arguments and seeds: no global RNG state is read or
 touched, so every rank and every rerun sees the same split, the same order and the same batches.
 """
+import hashlib
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
-from data.formats import PreferenceGroup
+from data.formats import PreferenceGroup, group_by_prompt
 from data.tokenizer import EOT_ID
 from errors import ConfigError
 
@@ -36,27 +37,45 @@ def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int):
 
 
 def truncate_groups(groups: list[PreferenceGroup], max_prompt_len: int, max_len: int):
-    """Fit every prompt + response into max_len tokens. Returns (groups, dropped_empty_count).
+    """Fit every prompt + response into max_len tokens. Returns (groups, dropped_pairs).
 
     The prompt keeps its LAST max_prompt_len tokens: in a dialogue the most recent turns matter most
     to the answer, and the prompt's end is where the response attaches. Each response then keeps its
-    first max_len - len(prompt) tokens. A pair whose response ends up empty (nothing left to score)
-    is dropped and counted; groups left with no pairs are removed.
+    first max_len - len(prompt) tokens, its end-of-text token counted: a response cut here loses it,
+    since it did not end. A pair whose response ends up empty (nothing left to score) is dropped.
+    Prompts that truncation makes identical are merged (group_by_prompt), so that a split by group
+    stays a split by prompt; pairs that become identical or duplicates are dropped too. All are
+    counted in dropped_pairs; groups left with no pairs are removed.
     """
     check_lengths(max_prompt_len, max_len)
-    kept_groups, dropped_empty = [], 0
+    truncated, dropped_empty = [], 0
     for group in groups:
         prompt = group.prompt[-max_prompt_len:]
         responses = [response[:max_len - len(prompt)] for response in group.responses]
         pairs = [(c, r) for c, r in group.pairs if responses[c] and responses[r]]
         dropped_empty += len(group.pairs) - len(pairs)
         if pairs:
-            kept_groups.append(replace(group, prompt=prompt, responses=responses, pairs=pairs))
-    return kept_groups, dropped_empty
+            truncated.append(replace(group, prompt=prompt, responses=responses, pairs=pairs))
+    merged, duplicates, identical = group_by_prompt(truncated)
+    return merged, dropped_empty + len(duplicates) + identical
+
+
+def data_fingerprint(groups: list[PreferenceGroup]) -> str:
+    """sha256 of every group's token ids (prompt, responses, pairs), in order: the data a run trains
+    and evaluates on, whatever file, format or loader settings it came from."""
+    digest = hashlib.sha256()
+    for group in groups:
+        digest.update(np.array([len(group.prompt), len(group.responses), len(group.pairs)], np.int64).tobytes())
+        digest.update(np.array(group.prompt, np.int64).tobytes())
+        for response in group.responses:
+            digest.update(np.array([len(response)] + response, np.int64).tobytes())
+        digest.update(np.array(group.pairs, np.int64).tobytes())
+    return digest.hexdigest()
 
 
 def split_groups(groups: list[PreferenceGroup], eval_fraction: float, seed: int):
-    """Split into (train_groups, eval_groups) by group, so a prompt never lands in both.
+    """Split into (train_groups, eval_groups) by group, so a prompt never lands in both (the loaders
+    and truncate_groups give each prompt one group).
 
     A seeded permutation picks round(eval_fraction * n) eval groups, at least 1 when eval_fraction > 0
     and there are >= 2 groups, and always leaving >= 1 train group. Both keep the input order.

@@ -1,22 +1,31 @@
 """Preference files in, lists of PreferenceGroup out.
 
-Three formats are read, each checked record by record before any training starts:
-- OpenAI lm-human-preferences `offline_5k.json` (best of 4 samples per query),
-- JSON lines with text fields `prompt`, `chosen`, `rejected` (this project's interchange format),
-- Anthropic HH-RLHF `.jsonl(.gz)` (two whole dialogues per line).
-A group keeps all k responses to one prompt and the (chosen, rejected) pairs among them, so a
-prompt never lands in both the train and eval splits (see data/batches.py).
+The formats read, each checked record by record before any training starts:
+- OpenAI lm-human-preferences `offline_5k.json` (best of 4 samples per query): `lm_human_preferences`;
+- JSON lines in TRL's preference formats (`jsonl`): explicit prompt (`prompt`, `chosen`, `rejected`
+  strings), implicit prompt (only `chosen` and `rejected`; the prompt is their longest common
+  prefix), and conversational (lists of `{"role", "content"}` messages, rendered in HH's plain
+  form, since GPT-2 has no chat template);
+- Anthropic HH-RLHF `.jsonl(.gz)` (two whole dialogues per line, split at the last Assistant turn): `hh`;
+- a Hugging Face dataset repo (`hub`): its JSON lines / JSON (/ Parquet, with pyarrow) files of one
+  split, read as `jsonl` or `hh`.
+
+Records are grouped by prompt (identical prompt token ids, in every format): a group holds every
+distinct response to one prompt and the (chosen, rejected) pairs among them, so a prompt and all
+its pairs go to one side of the train/eval split (data/batches.py), and group packing runs the
+prompt once for all of them. Exact duplicate pairs are dropped and counted.
 """
-import gzip
 import json
 import os
+import re
 import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
 
 from data.demo import demo_texts
-from data.tokenizer import VOCAB_SIZE, encode
+from data.records import check_exists, json_records, parquet_records
+from data.tokenizer import EOT_ID, VOCAB_SIZE, encode
 from errors import ConfigError, DataError
 
 
@@ -28,16 +37,22 @@ class PreferenceGroup:
     source: str  # "path:line N" or "path[index]": where error messages and warnings point
 
 
-KINDS = ("lm_human_preferences", "jsonl", "hh", "demo")
+KINDS = ("lm_human_preferences", "jsonl", "hh", "demo", "hub")
+# The DPO authors' code and TRL end every response with <|endoftext|> and score it, so the policy
+# learns where a response ends. lm-human-preferences samples are fixed 24-token continuations cut
+# at a period: they did not end, so they get none.
+APPEND_EOS_BY_DEFAULT = {"lm_human_preferences": False, "jsonl": True, "hh": True, "demo": True, "hub": True}
+HUB_FORMATS = ("jsonl", "hh")
 
 # -----------------------------------------------------------------------------
 # checks shared by the loaders; `where` names the file and record for the message
 
 
-def _check_exists(path):
-    if not os.path.isfile(path):
-        raise DataError(f"preference file not found: {path!r} "
-                                f"(check the path; relative paths start at {os.getcwd()!r})")
+def _warn_at(source, message):
+    """A warning that points at the user's record ("path:line N" or "path[index]"), not at this file."""
+    match = re.fullmatch(r"(.*):line (\d+)", source) or re.fullmatch(r"(.*)\[(\d+)\]", source)
+    filename, line = (match.group(1), int(match.group(2))) if match else (source, 0)
+    warnings.warn_explicit(message, UserWarning, filename=filename, lineno=line)
 
 
 def _require_str(record, key, where):
@@ -56,32 +71,6 @@ def _require_ids(record, key, where):
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise DataError(f"{where}: field {key!r} must be a list of integer token ids, got {str(ids)[:80]}")
     return ids
-
-
-def _read_lines(path):
-    """(line number, text) of the non-blank lines of a .jsonl or .jsonl.gz file."""
-    _check_exists(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            lines = list(enumerate(f, start=1))
-    except (OSError, UnicodeDecodeError) as err:  # bad gzip stream, binary file, ...
-        raise DataError(f"{path}: cannot be read as UTF-8 JSON lines ({type(err).__name__}: {err})") from err
-    lines = [(n, line) for n, line in lines if line.strip()]
-    if not lines:
-        raise DataError(f"{path}: no records (the file is empty or holds only blank lines)")
-    return lines
-
-
-def _parse_json_line(path, line_number, line):
-    where = f"{path}:line {line_number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: malformed JSON ({err.msg} at column {err.colno})") from err
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record, where
 
 
 # -----------------------------------------------------------------------------
@@ -136,12 +125,13 @@ def load_lm_human_preferences(path_or_task, cache_dir=None, max_records=None, co
         path = _download_lmhp(path_or_task, cache_dir)
     else:
         path = path_or_task
-    _check_exists(path)
+    check_exists(path)
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: malformed JSON ({err}); expected one JSON array of records") from err
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise DataError(f"{path}: malformed JSON ({type(err).__name__}: {err}); expected one JSON array of "
+                        "records") from err
     if not isinstance(records, list):
         raise DataError(f"{path}: expected one JSON array of records, got a JSON {type(records).__name__}")
     if max_records is not None:
@@ -178,33 +168,106 @@ def load_lm_human_preferences(path_or_task, cache_dir=None, max_records=None, co
 
 
 # -----------------------------------------------------------------------------
-# JSON lines: {"prompt": str, "chosen": str, "rejected": str}
+# TRL's preference formats, as JSON lines: explicit or implicit prompt, standard or conversational
+
+HUMAN_TURN, ASSISTANT_TURN, SYSTEM_TURN = "\n\nHuman:", "\n\nAssistant:", "\n\nSystem:"
+TURN_OF_ROLE = {"user": HUMAN_TURN, "assistant": ASSISTANT_TURN, "system": SYSTEM_TURN}
+
+
+def _check_messages(messages, key, where):
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                               and m.get("role") in TURN_OF_ROLE for m in messages):
+        raise DataError(f"{where}: field {key!r} must be a list of {{'role', 'content'}} messages with role "
+                        f"one of {', '.join(TURN_OF_ROLE)} and string content, got {str(messages)[:80]}")
+    return messages
+
+
+def render_messages(messages) -> str:
+    """Messages in HH-RLHF's plain form, the form GPT-2 models tuned on HH saw:
+    "\\n\\nHuman: hi\\n\\nAssistant: hello" (a system message becomes a "\\n\\nSystem: ..." turn)."""
+    return "".join(f"{TURN_OF_ROLE[m['role']]} {m['content']}" for m in messages)
+
+
+def _assistant_reply(messages, key, where):
+    """The response text of a one-assistant-message completion: " content", as it follows "Assistant:"."""
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise DataError(f"{where}: field {key!r} must hold exactly one assistant message (the response), got "
+                        f"roles {[m['role'] for m in messages]}")
+    return " " + messages[0]["content"]
+
+
+def split_common_prefix(chosen: str, rejected: str):
+    """TRL's implicit prompt: (prompt, chosen response, rejected response), the prompt being the
+    longest common prefix of the two texts. A space just before the split goes with the responses,
+    as GPT-2's BPE attaches a space to the word after it."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def trl_record_texts(record, where):
+    """One record of any of TRL's preference formats -> (prompt, chosen, rejected) texts."""
+    chosen, rejected = (record.get(key) for key in ("chosen", "rejected"))
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, (str, list)):
+            raise DataError(f"{where}: field {key!r} must be a string or a list of messages, got "
+                            f"{type(value).__name__} (fields present: {sorted(record)})")
+    if type(chosen) is not type(rejected):
+        raise DataError(f"{where}: 'chosen' and 'rejected' must both be strings or both message lists")
+    conversational = isinstance(chosen, list)
+    if conversational:
+        chosen, rejected = _check_messages(chosen, "chosen", where), _check_messages(rejected, "rejected", where)
+    if "prompt" in record:  # explicit prompt
+        prompt = record["prompt"]
+        if conversational:
+            prompt = render_messages(_check_messages(prompt, "prompt", where)) + ASSISTANT_TURN
+            return prompt, _assistant_reply(chosen, "chosen", where), _assistant_reply(rejected, "rejected", where)
+        return _require_str(record, "prompt", where), chosen, rejected
+    if not conversational:  # implicit prompt: the common prefix of the two texts
+        prompt, chosen, rejected = split_common_prefix(chosen, rejected)
+        if not prompt:
+            raise DataError(f"{where}: no 'prompt' field, and 'chosen' and 'rejected' share no prefix to take "
+                            "as the prompt; add a 'prompt' field")
+        return prompt, chosen, rejected
+    n = 0  # implicit conversational: the common leading messages are the prompt
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise DataError(f"{where}: no 'prompt' field, and 'chosen' and 'rejected' share no leading message to "
+                        "take as the prompt; add a 'prompt' field")
+    return (render_messages(chosen[:n]) + ASSISTANT_TURN, _assistant_reply(chosen[n:], "chosen", where),
+            _assistant_reply(rejected[n:], "rejected", where))
+
+
+def _groups_from_trl_records(named_records):
+    """One group per record: responses [chosen, rejected], pairs [(0, 1)]."""
+    groups = []
+    for record, where in named_records:
+        prompt, chosen, rejected = trl_record_texts(record, where)
+        prompt_ids = encode(prompt)
+        if not prompt_ids:
+            raise DataError(f"{where}: the prompt is empty; a response needs a prompt to be scored against")
+        groups.append(PreferenceGroup(prompt_ids, [encode(chosen), encode(rejected)], [(0, 1)], where))
+    return groups
 
 
 def load_jsonl(path, counts=None):
-    """One group per line: responses [chosen, rejected], pairs [(0, 1)]. Blank lines are skipped."""
-    groups = []
-    lines = _read_lines(path)
-    for line_number, line in lines:
-        record, where = _parse_json_line(path, line_number, line)
-        prompt, chosen, rejected = (_require_str(record, key, where) for key in ("prompt", "chosen", "rejected"))
-        prompt_ids = encode(prompt)
-        if not prompt_ids:
-            raise DataError(f"{where}: 'prompt' is empty; a response needs a prompt to be scored against")
-        groups.append(PreferenceGroup(prompt_ids, [encode(chosen), encode(rejected)], [(0, 1)], where))
+    """JSON lines in any of TRL's preference formats (see trl_record_texts). Blank lines are skipped."""
+    named_records = json_records(path)
     if counts is not None:
-        counts["records"] = counts.get("records", 0) + len(lines)
-    return groups
+        counts["records"] = counts.get("records", 0) + len(named_records)
+    return _groups_from_trl_records(named_records)
 
 
 # -----------------------------------------------------------------------------
 # Anthropic HH-RLHF: {"chosen": dialogue, "rejected": dialogue}
 
-HH_TURN = "\n\nAssistant:"
 
-
-def load_hh(path, counts=None):
-    """One group per line, split at the last "\\n\\nAssistant:" of each dialogue.
+def _groups_from_hh_records(named_records, counts=None):
+    """One group per record, split at the last "\\n\\nAssistant:" of each dialogue.
 
     The prompt is the dialogue up to and including that marker; the responses are the rest of the
     chosen and of the rejected dialogue. The two dialogues should share that prompt, but a few do
@@ -213,16 +276,14 @@ def load_hh(path, counts=None):
     `dropped_prompt_mismatch`, and a warning names the first one.
     """
     groups, mismatched = [], []
-    lines = _read_lines(path)
-    for line_number, line in lines:
-        record, where = _parse_json_line(path, line_number, line)
+    for record, where in named_records:
         chosen, rejected = _require_str(record, "chosen", where), _require_str(record, "rejected", where)
         splits = []
         for key, dialogue in (("chosen", chosen), ("rejected", rejected)):
-            cut = dialogue.rfind(HH_TURN)
+            cut = dialogue.rfind(ASSISTANT_TURN)
             if cut < 0:
-                raise DataError(f"{where}: {key!r} has no {HH_TURN!r} turn; expected an HH-RLHF dialogue")
-            cut += len(HH_TURN)
+                raise DataError(f"{where}: {key!r} has no {ASSISTANT_TURN!r} turn; expected an HH-RLHF dialogue")
+            cut += len(ASSISTANT_TURN)
             splits.append((dialogue[:cut], dialogue[cut:]))
         (chosen_prompt, chosen_response), (rejected_prompt, rejected_response) = splits
         if chosen_prompt != rejected_prompt:
@@ -231,15 +292,84 @@ def load_hh(path, counts=None):
         responses = [encode(chosen_response), encode(rejected_response)]
         groups.append(PreferenceGroup(encode(chosen_prompt), responses, [(0, 1)], where))
     if mismatched:
-        warnings.warn(f"{path}: dropped {len(mismatched)} record(s) whose chosen and rejected dialogues differ "
-                      f"before the last Assistant turn (first: {mismatched[0]})", stacklevel=2)
+        _warn_at(mismatched[0], f"dropped {len(mismatched)} record(s) whose chosen and rejected dialogues differ "
+                 f"before the last Assistant turn (first: {mismatched[0]})")
     if counts is not None:
-        counts["records"] = counts.get("records", 0) + len(lines)
+        counts["records"] = counts.get("records", 0) + len(named_records)
         counts["dropped_prompt_mismatch"] = counts.get("dropped_prompt_mismatch", 0) + len(mismatched)
     return groups
 
 
+def load_hh(path, counts=None):
+    return _groups_from_hh_records(json_records(path), counts)
+
+
 # -----------------------------------------------------------------------------
+# a Hugging Face dataset repo: data_path "org/name" (or "org/name/subdir", or a local directory)
+
+HUB_DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+def resolve_hub_dataset(name_or_dir, split, revision=None, cache_dir=None) -> tuple[str, str]:
+    """(local snapshot directory, sub-directory to read) of a dataset repo. huggingface_hub does the
+    caching and honours HF_HUB_OFFLINE / HF_HUB_CACHE, as for weights; only the split's files are
+    fetched."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir, ""
+    parts = name_or_dir.split("/")
+    if name_or_dir.startswith(("/", ".", "~")) or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"data_path {name_or_dir!r}: no such directory, and not a hub dataset id like 'org/name' "
+                          "(or 'org/name/subdir')")
+    repo_id, subdir = "/".join(parts[:2]), "/".join(parts[2:])
+    from huggingface_hub import snapshot_download  # imported here: local files need no hub client
+    patterns = [f"{subdir + '/' if subdir else ''}*{split}*{suffix}" for suffix in HUB_DATA_SUFFIXES]
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", revision=revision or None, cache_dir=cache_dir,
+                                 allow_patterns=patterns), subdir
+    except Exception as err:  # offline, unknown repo, gated repo...: say which and how to fix it
+        raise DataError(
+            f"could not fetch the dataset {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
+            f"{type(err).__name__}: {err}\nOffline? Download it once on a connected machine "
+            f"(hf download {repo_id} --repo-type dataset) and set HF_HUB_OFFLINE=1, or pass a local directory."
+        ) from err
+
+
+def split_files(directory, subdir, split):
+    """The data files of one split, as the hub lays them out: a file named after the split
+    (train.jsonl, train-00000-of-00001.parquet) or any file in a directory named after it."""
+    found = []
+    for root, _, names in os.walk(os.path.join(directory, subdir)):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, directory)
+            stem = name.split(".")[0]
+            in_split = (stem == split or stem.startswith((f"{split}-", f"{split}_"))
+                        or split in relative.split(os.sep)[:-1])
+            if name.endswith(HUB_DATA_SUFFIXES) and in_split:
+                found.append(path)
+    if not found:
+        raise DataError(f"{os.path.join(directory, subdir)}: no {'/'.join(HUB_DATA_SUFFIXES)} files for split "
+                        f"{split!r} (a file named {split}.jsonl, {split}-*.parquet, ... or a directory named {split})")
+    return sorted(found)
+
+
+def load_hub(name_or_dir, split="train", revision=None, hub_format="jsonl", cache_dir=None, counts=None):
+    """The split's files of a hub dataset repo, read as `jsonl` (TRL's formats) or `hh`."""
+    if hub_format not in HUB_FORMATS:
+        raise ConfigError(f"hub_format={hub_format!r} is not one of {', '.join(HUB_FORMATS)}")
+    directory, subdir = resolve_hub_dataset(name_or_dir, split, revision, cache_dir)
+    named_records = []
+    for path in split_files(directory, subdir, split):
+        named_records += parquet_records(path) if path.endswith(".parquet") else json_records(path)
+    if hub_format == "hh":
+        return _groups_from_hh_records(named_records, counts)
+    if counts is not None:
+        counts["records"] = counts.get("records", 0) + len(named_records)
+    return _groups_from_trl_records(named_records)
+
+
+# -----------------------------------------------------------------------------
+# the demo set, generated
 
 
 def make_demo_groups(n_groups=128, seed=0):
@@ -253,28 +383,47 @@ def make_demo_groups(n_groups=128, seed=0):
     return groups
 
 
-def load_preferences(kind, path, **kwargs):
-    """Load `path` as `kind` (one of KINDS) and drop the pairs DPO cannot learn from.
+# -----------------------------------------------------------------------------
+# from records to groups: clean, end each response, group by prompt
 
-    A pair whose chosen and rejected token ids are identical gives zero gradient and a meaningless
-    accuracy, and a pair with an empty response has nothing to score: both are dropped, counted and
-    warned about; groups left with no pairs are removed. Returns (groups, counts) with counts
-    `records`, `groups`, `pairs`, `dropped_identical`, `dropped_empty`, `dropped_prompt_mismatch`.
-    kwargs go to the loader (e.g. cache_dir/max_records, or n_groups/seed for "demo").
+
+def group_by_prompt(groups: list[PreferenceGroup]):
+    """Merge groups with identical prompt token ids into one, in order of first appearance.
+    Returns (groups, duplicate_sources, identical_pairs): where each duplicate came from, and a count.
+
+    The merged group holds each distinct response once (identical token ids are one response), so
+    its pairs share their responses' slots when packed. A pair that repeats one already there is a
+    duplicate and is dropped; so is a pair whose two responses are identical (possible after
+    truncation). Pairs keep their order; the source is the first record's.
     """
-    counts = {"records": 0, "dropped_prompt_mismatch": 0}
-    if kind == "lm_human_preferences":
-        groups = load_lm_human_preferences(path, counts=counts, **kwargs)
-    elif kind == "jsonl":
-        groups = load_jsonl(path, counts=counts, **kwargs)
-    elif kind == "hh":
-        groups = load_hh(path, counts=counts, **kwargs)
-    elif kind == "demo":
-        groups = make_demo_groups(**kwargs)  # generated, so `path` is not used
-        counts["records"] = len(groups)
-    else:
-        raise ConfigError(f"unknown preference data kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    merged = {}  # prompt ids -> (group, {response ids: index}, {pair})
+    duplicates, identical = [], 0
+    for group in groups:
+        target, index_of, seen = merged.setdefault(
+            tuple(group.prompt), (PreferenceGroup(list(group.prompt), [], [], group.source), {}, set()))
+        for chosen, rejected in group.pairs:
+            indices = []
+            for response in (group.responses[chosen], group.responses[rejected]):
+                key = tuple(response)
+                if key not in index_of:
+                    index_of[key] = len(target.responses)
+                    target.responses.append(list(response))
+                indices.append(index_of[key])
+            pair = tuple(indices)
+            if pair[0] == pair[1]:
+                identical += 1
+            elif pair in seen:
+                duplicates.append(group.source)
+            else:
+                seen.add(pair)
+                target.pairs.append(pair)
+    kept = [group for group, _, _ in merged.values() if group.pairs]
+    return kept, duplicates, identical
 
+
+def _drop_unlearnable_pairs(groups):
+    """Drop the pairs DPO cannot learn from: an empty response (nothing to score) and identical
+    chosen and rejected token ids (zero gradient, meaningless accuracy). Returns (groups, empty, identical)."""
     identical, empty, kept_groups = [], [], []
     for group in groups:
         kept_pairs = []
@@ -289,10 +438,53 @@ def load_preferences(kind, path, **kwargs):
             group.pairs = kept_pairs
             kept_groups.append(group)
     if identical:
-        warnings.warn(f"dropped {len(identical)} pair(s) whose chosen and rejected token ids are identical "
-                      f"(first: {identical[0]})", stacklevel=2)
+        _warn_at(identical[0], f"dropped {len(identical)} pair(s) whose chosen and rejected token ids are identical "
+                 f"(first: {identical[0]})")
     if empty:
-        warnings.warn(f"dropped {len(empty)} pair(s) with an empty response (first: {empty[0]})", stacklevel=2)
-    counts.update(groups=len(kept_groups), pairs=sum(len(g.pairs) for g in kept_groups),
-                  dropped_identical=len(identical), dropped_empty=len(empty))
-    return kept_groups, counts
+        _warn_at(empty[0], f"dropped {len(empty)} pair(s) with an empty response (first: {empty[0]})")
+    return kept_groups, len(empty), len(identical)
+
+
+def _read_records(kind, path, options):
+    counts = {"records": 0, "dropped_prompt_mismatch": 0}
+    if kind == "lm_human_preferences":
+        groups = load_lm_human_preferences(path, counts=counts, **options)
+    elif kind == "jsonl":
+        groups = load_jsonl(path, counts=counts, **options)
+    elif kind == "hh":
+        groups = load_hh(path, counts=counts, **options)
+    elif kind == "hub":
+        groups = load_hub(path, counts=counts, **options)
+    elif kind == "demo":
+        groups = make_demo_groups(**options)  # generated, so `path` is not used
+        counts["records"] = len(groups)
+    else:
+        raise ConfigError(f"unknown preference data kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    return groups, counts
+
+
+def load_preferences(kind, path, append_eos=None, **options):
+    """Load `path` as `kind` (one of KINDS): the records checked, the pairs DPO cannot learn from
+    dropped (empty responses, identical chosen and rejected: counted and warned about), every
+    response ended with <|endoftext|> when append_eos (None: the kind's default,
+    APPEND_EOS_BY_DEFAULT), and the groups merged by prompt (group_by_prompt; exact duplicate pairs
+    dropped, counted and warned about).
+
+    Returns (groups, counts) with counts `records`, `groups`, `pairs`, `dropped_identical`,
+    `dropped_empty`, `dropped_duplicate`, `dropped_prompt_mismatch`. options go to the loader (e.g.
+    cache_dir/max_records, split/revision/hub_format for "hub", n_groups/seed for "demo").
+    """
+    groups, counts = _read_records(kind, path, options)
+    groups, dropped_empty, dropped_identical = _drop_unlearnable_pairs(groups)
+    if APPEND_EOS_BY_DEFAULT.get(kind, False) if append_eos is None else append_eos:
+        for group in groups:
+            group.responses = [response + [EOT_ID] for response in group.responses]
+    n_sources = len(groups)
+    groups, duplicates, _ = group_by_prompt(groups)
+    if duplicates:
+        _warn_at(duplicates[0], f"dropped {len(duplicates)} exact duplicate pair(s): same prompt, chosen and rejected "
+                 f"as an earlier record (first: {duplicates[0]})")
+    counts.update(groups=len(groups), pairs=sum(len(g.pairs) for g in groups), dropped_identical=dropped_identical,
+                  dropped_empty=dropped_empty, dropped_duplicate=len(duplicates),
+                  records_sharing_a_prompt=n_sources - len(groups))
+    return groups, counts

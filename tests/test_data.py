@@ -99,7 +99,9 @@ def test_lm_human_preferences_identical_samples_dropped(tmp_path):
     with pytest.warns(UserWarning, match=r"dropped 1 pair.*identical.*offline_5k.json\[1\]"):
         groups, counts = load_preferences("lm_human_preferences", str(path))
     assert counts["dropped_identical"] == 1 and counts["pairs"] == 5
-    assert sorted(groups[1].pairs) == [(1, 0), (1, 2)]
+    _, _, samples = lmhp_record("A query", SAMPLE_TEXTS, best=1)
+    kept = [(groups[1].responses[c], groups[1].responses[r]) for c, r in groups[1].pairs]
+    assert kept == [(samples[1], samples[0]), (samples[1], samples[2])]
 
 
 def test_lm_human_preferences_download(tmp_path, monkeypatch):
@@ -145,7 +147,11 @@ def test_jsonl_loader(tmp_path):
     path = write_lines(tmp_path / "prefs.jsonl", [json.dumps(dict(zip(("prompt", "chosen", "rejected"), rows[0]))), "",
                                                   "   ", json.dumps(dict(zip(("prompt", "chosen", "rejected"), rows[1])))])
     groups, counts = load_preferences("jsonl", str(path))
-    assert [(g.prompt, g.responses, g.pairs) for g in groups] == [(tok(p), [tok(c), tok(r)], [(0, 1)]) for p, c, r in rows]
+    eot = [50256]  # every response ends with <|endoftext|>, as the DPO authors' code and TRL have it
+    assert [(g.prompt, g.responses, g.pairs) for g in groups] == [(tok(p), [tok(c) + eot, tok(r) + eot], [(0, 1)])
+                                                                  for p, c, r in rows]
+    groups, _ = load_preferences("jsonl", str(path), append_eos=False)
+    assert [g.responses for g in groups] == [[tok(c), tok(r)] for _, c, r in rows]
     assert [g.source for g in groups] == [f"{path}:line 1", f"{path}:line 4"]
     assert (counts["records"], counts["pairs"], counts["dropped_identical"]) == (2, 2, 0)
 
@@ -177,7 +183,7 @@ def test_hh_loader_small(tmp_path):
         groups, counts = load_preferences("hh", str(path))
     assert (counts["records"], counts["dropped_prompt_mismatch"], counts["groups"]) == (2, 1, 1)
     assert groups[0].prompt == tok(prompt)
-    assert groups[0].responses == [tok(" Fine, thanks."), tok(" Go away.")]
+    assert groups[0].responses == [tok(" Fine, thanks.") + [50256], tok(" Go away.") + [50256]]
 
 
 def test_hh_loader_real_sample():
@@ -189,14 +195,20 @@ def test_hh_loader_real_sample():
         groups, counts = load_preferences("hh", str(HH_SAMPLE))
     assert counts["records"] == len(originals) == 2312
     assert counts["dropped_prompt_mismatch"] == 5
-    assert counts["groups"] == counts["pairs"] == len(groups) == 2307
+    assert counts["pairs"] == 2307
+    # records that share a prompt are one group: count the distinct prompts of the kept records by hand
+    cut = lambda text: text[:text.rindex("\n\nAssistant:") + len("\n\nAssistant:")]  # noqa: E731
+    kept_prompts = [cut(o["chosen"]) for o in originals.values() if cut(o["chosen"]) == cut(o["rejected"])]
+    assert len(kept_prompts) == 2307 and counts["groups"] == len(groups) == len(set(kept_prompts)) < 2307
+    texts = {(cut(o["chosen"]), o["chosen"], o["rejected"]) for o in originals.values()}
     for group in groups:
-        original = originals[int(group.source.rsplit("line ", 1)[1])]
         prompt = ENC.decode(group.prompt)
         assert prompt.endswith("\n\nAssistant:")
-        assert prompt + ENC.decode(group.responses[0]) == original["chosen"]
-        assert prompt + ENC.decode(group.responses[1]) == original["rejected"]
-        assert "\n\nAssistant:" not in ENC.decode(group.responses[0])
+        for chosen, rejected in group.pairs:
+            assert group.responses[chosen][-1] == group.responses[rejected][-1] == 50256
+            chosen_text, rejected_text = (ENC.decode(group.responses[i][:-1]) for i in (chosen, rejected))
+            assert (prompt, prompt + chosen_text, prompt + rejected_text) in texts
+            assert "\n\nAssistant:" not in chosen_text
 
 
 # -----------------------------------------------------------------------------
@@ -287,7 +299,8 @@ def test_truncate_groups():
         PreferenceGroup([1], [[], [20]], [(1, 0)], "g1"),
     ]
     truncated, dropped = truncate_groups(groups, max_prompt_len=4, max_len=8)
-    assert dropped == 3 and len(truncated) == 1 and truncated[0].pairs == [(0, 2)]
+    assert dropped == 3 and len(truncated) == 1
+    assert [(truncated[0].responses[c], truncated[0].responses[r]) for c, r in truncated[0].pairs] == [([10], [30])]
     with pytest.raises(ValueError, match="max_prompt_len"):
         truncate_groups(groups, max_prompt_len=8, max_len=8)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dpo import preference_loss, preference_metrics
+from dpo import PairLogps, dpo_loss, preference_loss, preference_metrics
 
 
 def log_sigmoid(x):
@@ -212,19 +212,49 @@ def test_missing_reference_raises_and_points_at_reference_free():
 
 def test_metrics_names_and_values_on_a_hand_made_batch():
     losses = logps(0.5, 1.5, 1.0, 3.0, requires_grad=True)
-    chosen_rewards = logps(0.25, -0.5, 1.5, 0.0)
-    rejected_rewards = logps(-0.25, 0.5, 0.5, 0.0)  # chosen wins on pairs 0 and 2; pair 3 is a tie, not a win
-    policy_chosen_logps = logps(-10.0, -20.0, -30.0, -40.0, dtype=torch.bfloat16, requires_grad=True)
-    policy_rejected_logps = logps(-12.0, -22.0, -32.0, -42.0, requires_grad=True)
-    metrics = preference_metrics(losses, chosen_rewards, rejected_rewards, policy_chosen_logps, policy_rejected_logps)
+    policy = PairLogps(chosen=logps(-10.0, -20.0, -30.0, -40.0, dtype=torch.bfloat16, requires_grad=True),
+                       rejected=logps(-12.0, -22.0, -32.0, -42.0, requires_grad=True),
+                       chosen_tokens=logps(1, 2, 3, 4), rejected_tokens=logps(1, 1, 1, 1),
+                       chosen_logits=logps(2.0, 4.0, 6.0, 8.0), rejected_logits=logps(1.0, 1.0, 1.0, 1.0))
+    reference_chosen, reference_rejected = logps(-10.5, -19.0, -33.0, -40.0), logps(-11.5, -23.0, -33.0, -42.0)
+    # beta * (policy - reference): chosen 0.25, -0.5, 1.5, 0; rejected -0.25, 0.5, 0.5, 0. Chosen wins on
+    # pairs 0 and 2; pair 3 is a tie, not a win
+    metrics = preference_metrics(losses, policy, reference_chosen, reference_rejected, beta=0.5)
     assert list(metrics) == ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                             "logps/chosen", "logps/rejected"]
+                             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
     for name, value in metrics.items():
         assert isinstance(value, torch.Tensor) and value.dim() == 0, name
         assert value.dtype == torch.float32 and not value.requires_grad, name
     expected = {"loss": 1.5, "rewards/chosen": 0.3125, "rewards/rejected": 0.1875, "rewards/accuracies": 0.5,
-                "rewards/margins": 0.125, "logps/chosen": -25.0, "logps/rejected": -27.0}
+                "rewards/margins": 0.125, "logps/chosen": -25.0, "logps/rejected": -27.0,
+                "logits/chosen": 20 / 10, "logits/rejected": 1.0}  # over all scored tokens of the batch, as TRL's
     assert {name: value.item() for name, value in metrics.items()} == pytest.approx(expected)
+
+
+def test_ipo_trains_on_per_token_averages_and_logs_summed_rewards():
+    """logps=auto under IPO: the loss takes log-probs averaged per token (IPO Eq. 17 on length-
+    normalised log-probs); rewards/* and logps/* stay summed, as TRL logs them."""
+    policy = PairLogps(chosen=logps(-6.0, -9.0), rejected=logps(-8.0, -4.0), chosen_tokens=logps(3, 3),
+                       rejected_tokens=logps(2, 4), chosen_logits=logps(0.0, 0.0), rejected_logits=logps(0.0, 0.0))
+    reference_chosen, reference_rejected = logps(-7.5, -9.0), logps(-7.0, -6.0)
+    beta = 0.25
+    losses, metrics = dpo_loss(policy, reference_chosen, reference_rejected, beta=beta, loss_type="ipo", average=True)
+    h = [(-6 / 3 + 7.5 / 3) - (-8 / 2 + 7 / 2), (-9 / 3 + 9 / 3) - (-4 / 4 + 6 / 4)]  # per-token log-ratios
+    assert losses.tolist() == pytest.approx([(x - 1 / (2 * beta)) ** 2 for x in h])
+    assert metrics["rewards/chosen"].item() == pytest.approx(beta * (1.5 + 0.0) / 2)  # summed: -6 - (-7.5), 0
+    assert metrics["rewards/rejected"].item() == pytest.approx(beta * (-1.0 + 2.0) / 2)
+    assert metrics["logps/chosen"].item() == pytest.approx(-7.5)
+
+
+def test_preference_loss_keeps_fp64():
+    """fp64 log-probs are computed in fp64: a margin of 1e-9 nats on log-probs near -1000 is lost in fp32."""
+    pc, pr = torch.tensor([-1000.0 + 1e-9], dtype=torch.float64), torch.tensor([-1000.0], dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    losses, chosen_rewards, _ = preference_loss(pc, pr, zero, zero, beta=1.0)
+    assert losses.dtype == chosen_rewards.dtype == torch.float64
+    h = (-1000.0 + 1e-9) - (-1000.0)  # python floats are fp64
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-h)), rel=0, abs=1e-15)
+    assert losses.item() != pytest.approx(math.log(2), rel=0, abs=1e-15)  # what fp32 gives: h rounds to 0
 
 
 # --- log-probs
@@ -293,7 +323,7 @@ def test_concatenated_forward_equals_two_separate_forwards(hf_and_ours):
     batch = PairBatch(input_ids, attention_mask=input_ids != 50256,
                       response_mask=torch.cat([pad(chosen_mask, False), pad(rejected_mask, False)]))
     with torch.no_grad():
-        chosen, rejected = concatenated_logps(ours, batch)
+        chosen, rejected = concatenated_logps(ours, batch).sequence_logps(average=False)
         assert torch.allclose(chosen, response_logps(ours, chosen_ids, chosen_mask), rtol=1e-6, atol=1e-5)
         assert torch.allclose(rejected, response_logps(ours, rejected_ids, rejected_mask), rtol=1e-6, atol=1e-5)
 
@@ -396,8 +426,9 @@ def test_shared_prompt_packing_gives_the_same_logps_as_separate_sequences(hf_and
     batch = collate_pairs_shared_prompt(pairs)
     assert batch.input_ids.shape == (3, 18)  # 9 + 7 + 2, not two rows of 16 and 11
     with torch.no_grad():
-        chosen, rejected = concatenated_logps(ours, batch)
-        chosen_mean, _ = concatenated_logps(ours, batch, average=True)
+        both = concatenated_logps(ours, batch)
+        chosen, rejected = both.sequence_logps(average=False)
+        chosen_mean, _ = both.sequence_logps(average=True)
     assert_each_pair_matches_transformers_alone(hf, pairs, chosen, rejected)
     for i, pair in enumerate(pairs):
         assert torch.allclose(chosen_mean[i], chosen[i] / len(pair.chosen))
@@ -411,7 +442,7 @@ def test_shared_prompt_gradients_equal_the_plain_path(hf_and_ours):
              for i, shape in enumerate([(6, 4, 5), (3, 8, 1)])]
     grads = []
     for batch in (collate_pairs(pairs), collate_pairs_shared_prompt(pairs)):
-        chosen, rejected = concatenated_logps(ours, batch)
+        chosen, rejected = concatenated_logps(ours, batch).sequence_logps(average=False)
         (chosen - 2 * rejected).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in ours.parameters()]))
         ours.zero_grad(set_to_none=True)
@@ -434,5 +465,15 @@ def test_a_groups_pairs_share_one_packed_row_and_keep_their_logps(hf_and_ours):
     assert batch.input_ids.shape == (2, 6 + 4 + 3 + 5 + 2)  # one row per prompt, each response once
     assert len(batch.slot_lengths) == 6
     with torch.no_grad():
-        chosen, rejected = concatenated_logps(ours, batch)
-    assert_each_pair_matches_transformers_alone(hf, pairs, chosen, rejected)
+        both = concatenated_logps(ours, batch)
+    assert_each_pair_matches_transformers_alone(hf, pairs, both.chosen, both.rejected)
+    # TRL's logits/chosen: the mean logit (over the vocabulary and every scored chosen token of the batch)
+    for side, responses in (("chosen", [p.chosen for p in pairs]), ("rejected", [p.rejected for p in pairs])):
+        total, n_tokens = 0.0, 0
+        for pair, response in zip(pairs, responses):
+            with torch.no_grad():
+                hf_logits = hf(torch.tensor([pair.prompt + response])).logits[0].double()  # (T, V)
+            total += hf_logits[len(pair.prompt) - 1:-1].mean(-1).sum().item()  # rows predicting the response
+            n_tokens += len(response)
+        metrics = preference_metrics(torch.zeros(len(pairs)), both, None, None, beta=0.1)
+        assert metrics[f"logits/{side}"].item() == pytest.approx(total / n_tokens, rel=1e-5)

@@ -237,7 +237,10 @@ def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
     with transformers on the exported weights and the same split."""
     model, info = GPT2LMHeadModel.from_pretrained(single / "final", output_loading_info=True)
     assert not any(info.values()), info
-    groups, _ = truncate_groups(make_demo_groups(), max_prompt_len=16, max_len=32)
+    groups = make_demo_groups()
+    for group in groups:  # the demo's responses end with <|endoftext|>, which is scored
+        group.responses = [response + [50256] for response in group.responses]
+    groups, _ = truncate_groups(groups, max_prompt_len=16, max_len=32)
     _, eval_groups = split_groups(groups, 0.1, seed=0)
     batch = collate_pairs(pairs_of(eval_groups))
     with torch.no_grad():
