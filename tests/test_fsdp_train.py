@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def test_bf16_reference_under_fp32_training_stays_close(single, tmp_path, shardi
     moves off log 2 a little, and the run stays close to the fp32 one."""
     result = run_python(tmp_path, f"--sharding={sharding}", "--reference_precision=bf16")
     assert "reference in bf16" in result.stdout
-    losses, fp32_losses = train_losses(tmp_path), train_losses(single)  # logged to 6 decimals
+    losses, fp32_losses = train_losses(tmp_path), train_losses(single)
     assert fp32_losses[0] == pytest.approx(math.log(2), abs=1e-6)
     assert 1e-5 < abs(losses[0] - math.log(2)) < 1e-2, losses[0]  # about 1e-4 at this shape
     assert_same_losses(losses, fp32_losses, rel=3e-2)
@@ -230,6 +231,43 @@ def test_precomputed_reference_gives_the_same_losses(single, tmp_path):
     run_python(tmp_path, "--sharding=none", "--precompute_reference=true")
     assert (tmp_path / "reference_logps.safetensors").exists()
     assert_same_losses(train_losses(tmp_path), train_losses(single))
+
+
+def test_changed_data_is_refused_on_resume_and_moved_data_is_not(tmp_path):
+    """The data's content is part of the run: the same file rewritten (chosen and rejected swapped)
+    is refused by name; the same pairs from another path resume."""
+    from data.demo import write_demo_jsonl
+    data = tmp_path / "prefs.jsonl"
+    write_demo_jsonl(data, n_groups=40)
+    out_dir = tmp_path / "run"
+    run_python(out_dir, "--sharding=none", "--dataset=jsonl", f"--data_path={data}", "--max_steps=2")
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(data.read_text())
+    swapped = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                            for r in swapped))
+    before = sorted(p.name for p in (out_dir / "checkpoints").iterdir())
+    refused = run_python(out_dir, "--sharding=none", "--dataset=jsonl", f"--data_path={data}", check=False)
+    assert refused.returncode == 2
+    assert "data_sha256" in refused.stderr and f"data_path='{data}'" in refused.stderr
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == before
+    resumed = run_python(out_dir, "--sharding=none", "--dataset=jsonl", f"--data_path={moved}")
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+
+
+def test_reference_cache_is_keyed_on_the_starting_weights(tmp_path):
+    """A cache of reference log-probs from other weights at the same init_from path is not reused:
+    at step 1 the policy equals the reference, so the DPO loss is exactly log 2."""
+    from gpt2 import GPT, GPTConfig
+    weights = tmp_path / "weights"
+    for seed in (0, 1):
+        GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)).init_weights(seed=seed).save_pretrained(weights)
+        out_dir = tmp_path / "run"
+        run_python(out_dir, "--sharding=none", f"--init_from={weights}", "--precompute_reference=true", "--max_steps=1")
+        assert train_losses(out_dir)[-1] == pytest.approx(math.log(2), abs=1e-6)
+        for kept in ("checkpoints", "final"):  # as after a crash before the first checkpoint: only the cache stays
+            shutil.rmtree(out_dir / kept)
+        (out_dir / "metrics.jsonl").unlink()
 
 
 def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):

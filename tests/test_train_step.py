@@ -120,3 +120,39 @@ def test_train_step_equals_a_plain_transformers_step(one_process_group, hf_weigh
         assert ((got - expected).abs() <= tolerance).all(), (name, (got - expected).abs().max().item())
         compared += 1
     assert compared == 4 + 12 * 2  # wte, wpe, ln_f weight and bias; 12 tensors per block
+
+
+def test_text_records_train_as_trl_tokenizes_them(one_process_group, hf_weights, tmp_path):
+    """Preference texts through the jsonl loader give TRL's token ids for GPT-2 (prompt ids as
+    tokenized, each response's ids + <|endoftext|> 50256, scored), and the trainer's step on them
+    equals the plain transformers step on those ids."""
+    import json
+    import os
+
+    import tiktoken
+
+    from data.formats import load_preferences
+    from data.batches import Pair
+    shared_cache = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tiktoken_cache")
+    if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(shared_cache):
+        os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(shared_cache)
+    encoding = tiktoken.get_encoding("gpt2")
+    texts = [("The film was", " a delight from start to end.", " a mess."),
+             ("The film was", " fun.", " a mess."),
+             ("Dinner last night", " was lovely.", " was cold and late.")]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in texts))
+    groups, _ = load_preferences("jsonl", str(path))
+    pairs = pairs_of(groups)
+    trl_ids = [(encoding.encode(p), encoding.encode(c) + [50256], encoding.encode(r) + [50256]) for p, c, r in texts]
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == trl_ids
+
+    cfg = TrainConfig(init_from=str(hf_weights), beta=BETA, lr=LR, grad_clip=GRAD_CLIP, weight_decay=WEIGHT_DECAY,
+                      precision="fp32", device="cpu", sharding="none", batch_size=3, micro_batch_size=3)
+    state = build_training_state(cfg, 0, torch.device("cpu"), None)
+    metrics, grad_norm, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
+                                                  [collate(pairs, share_prompt=True)], cfg, LR, state.scaler)
+    trl_pairs = [Pair(*ids, group_index=i, chosen_index=0, rejected_index=1) for i, ids in enumerate(trl_ids)]
+    expected_loss, expected_norm, _, _ = hf_step(hf_weights, [trl_pairs], "sigmoid")
+    assert float(metrics["loss"]) == pytest.approx(expected_loss, rel=1e-5)
+    assert float(grad_norm) == pytest.approx(expected_norm, rel=1e-5)
