@@ -263,8 +263,13 @@ def test_reference_cache_is_keyed_on_the_starting_weights(tmp_path):
     for seed in (0, 1):
         GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)).init_weights(seed=seed).save_pretrained(weights)
         out_dir = tmp_path / "run"
-        run_python(out_dir, "--sharding=none", f"--init_from={weights}", "--precompute_reference=true", "--max_steps=1")
+        result = run_python(out_dir, "--sharding=none", f"--init_from={weights}", "--precompute_reference=true",
+                            "--max_steps=1")
         assert train_losses(out_dir)[-1] == pytest.approx(math.log(2), abs=1e-6)
+        train_pairs = json.loads(result.stdout.split("data: ", 1)[1].split("\n", 1)[0])["train_pairs"]
+        [step_line] = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()
+                       if '"loss"' in line and "eval/" not in line]
+        assert step_line["epoch"] == 1 / (train_pairs // 8)  # fractional epochs, as TRL logs them; batch_size 8
         for kept in ("checkpoints", "final"):  # as after a crash before the first checkpoint: only the cache stays
             shutil.rmtree(out_dir / kept)
         (out_dir / "metrics.jsonl").unlink()
