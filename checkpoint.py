@@ -3,6 +3,8 @@
 Layout under <out_dir>/checkpoints/:
     step_000100/          a complete checkpoint: DCP shards + .metadata + train_state.json
     .tmp_step_000200/     being written (or left by a crash): never resumed from, removed later
+    .old_step_000100/     a complete checkpoint being replaced by a re-save of its step: put back
+                          or removed at the next start (recover_replaced_checkpoints)
 
 Every rank writes its shards into the .tmp directory; after DCP's own barrier rank 0 writes
 train_state.json (with the size and sha256 of every file) and renames the directory. A rename
@@ -19,10 +21,13 @@ import re
 import shutil
 import signal
 
+import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from errors import CheckpointError
+from errors import CheckpointError, TrainingStopped
 from parallel import on_rank0
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -53,8 +58,28 @@ def complete_checkpoints(out_dir) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def recover_replaced_checkpoints(out_dir, log=print):
+    """Rank 0, before the checkpoints are listed: a save of a step that already had a checkpoint
+    moves the old one to .old_step_N only once its replacement is complete in .tmp_step_N, then
+    renames. A crash between the renames leaves .old_step_N: put it back if step_N is missing, or
+    remove it if step_N is there (the replacement finished)."""
+    root = checkpoint_root(out_dir)
+    if not os.path.isdir(root):
+        return
+    for name in sorted(os.listdir(root)):
+        if not name.startswith(".old_step_"):
+            continue
+        old, final = os.path.join(root, name), os.path.join(root, name[len(".old_"):])
+        if os.path.isdir(final):
+            log(f"removing {old}: its replacement {final} is complete")
+            shutil.rmtree(old)
+        else:
+            log(f"recovering {final} from {old} (a re-save of that step was interrupted)")
+            os.rename(old, final)
+
+
 def remove_partial_checkpoints(out_dir, log=print):
-    """Delete .tmp_* directories left by a crash during a save (rank 0 only)."""
+    """Delete .tmp_* directories left by a crash during a save or a deletion (rank 0 only)."""
     root = checkpoint_root(out_dir)
     if not os.path.isdir(root):
         return
@@ -64,18 +89,47 @@ def remove_partial_checkpoints(out_dir, log=print):
             shutil.rmtree(os.path.join(root, name), ignore_errors=False)
 
 
+def weights_are_finite(model, device) -> bool:
+    """Collective: no NaN or inf in any rank's shard of the model's parameters."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).all().float().reshape(1).to(device)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: int, device):
-    """Collective: every rank calls it. train_state is JSON (step, data position, loss scale...)."""
+    """Collective: every rank calls it. train_state is JSON (step, data position, loss scale...).
+    Weights that are no longer finite are never saved: the run stops, naming the last good one."""
+    if not weights_are_finite(model, device):
+        newest = complete_checkpoints(out_dir)
+        raise TrainingStopped(f"step {step}: the weights are no longer finite (an update overflowed: is lr too "
+                              f"large?), so they were not saved. Last good checkpoint: "
+                              f"{newest[-1][1] if newest else 'none'}")
     final, tmp = step_dirs(out_dir, step)
     on_rank0(make_empty_dir, device, f"create {tmp}", tmp)
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
-    except Exception as err:  # DCP gathers every rank's write errors (disk full...) and raises on all
-        raise RuntimeError(f"could not write checkpoint {tmp} ({type(err).__name__}: {err}); the last "
-                           "complete checkpoint is untouched") from err
+    except (Exception, CheckpointException) as err:  # DCP gathers every rank's write errors (disk full...)
+        raise RuntimeError(f"could not write checkpoint {tmp}: {failure_text(err)}; the last complete "
+                           "checkpoint is untouched") from err
     on_rank0(complete_checkpoint, device, f"complete checkpoint {final}", out_dir, step, train_state, keep)
     return final
+
+
+def failure_text(err) -> str:
+    """What went wrong, in one line: DCP's CheckpointException (a BaseException, so `except
+    Exception` misses it) holds each rank's exception; the OSError under it ("No space left on
+    device") says more than the error it caused ("unexpected pos 704 vs 598")."""
+    failures = [exc for exc, _ in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+    texts = []
+    for exc in failures:
+        cause = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        shown = cause if cause is not None else exc
+        texts.append(f"{type(shown).__name__}: {shown}")
+    return "; ".join(sorted(set(texts)))
 
 
 def make_empty_dir(path):
@@ -97,13 +151,15 @@ def complete_checkpoint(out_dir, step, train_state: dict, keep: int):
         f.flush()
         os.fsync(f.fileno())
     replaced = os.path.join(root, f".old_step_{step:06d}")
-    if os.path.isdir(final):  # the same step saved again after a resume: move it aside, never delete first
-        os.rename(final, replaced)
+    if os.path.isdir(final):  # the same step saved again: its replacement is complete, move it aside
+        os.rename(final, replaced)  # (a crash here is undone by recover_replaced_checkpoints)
     os.rename(tmp, final)
     if os.path.isdir(replaced):
         shutil.rmtree(replaced)
-    for _, old in complete_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old)
+    for old_step, old in complete_checkpoints(out_dir)[:-keep]:
+        deleting = os.path.join(root, f".tmp_deleting_step_{old_step:06d}")
+        os.rename(old, deleting)  # invisible first, so a crash mid-deletion leaves no half checkpoint
+        shutil.rmtree(deleting)
 
 
 def file_fingerprint(path):
@@ -145,12 +201,17 @@ def load_checkpoint(path, model, optimizer) -> dict:
     state = {"model": model_state, "optim": optim_state}
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as err:  # DCP wraps per-rank failures; name the checkpoint and what to do
-        raise RuntimeError(f"{path}: could not load this checkpoint ({type(err).__name__}: {err}). "
+    except (Exception, CheckpointException) as err:  # name the checkpoint and what to do
+        raise RuntimeError(f"{path}: could not load this checkpoint ({failure_text(err)}). "
                            "Was it written with another model size or config? Delete it to start over, "
                            "or point out_dir elsewhere.") from err
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return train_state
+
+
+def saved_step(path) -> int:
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)["step"]
 
 
 def check_compatible(path, expected: dict, hints: dict | None = None):

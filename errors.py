@@ -25,3 +25,12 @@ class CheckpointError(InputError):
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (non-finite losses past max_bad_steps): one line, exit 1."""
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT: every rank finished its step and saved a checkpoint. Exit 128 + the signal's
+    number, as a process ended by that signal (143 for SIGTERM), so schedulers see a preemption."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -13,6 +13,7 @@ Launching the same command again on an out_dir with a complete checkpoint resume
 import json
 import os
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -27,22 +28,24 @@ from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, da
                           grouped_epoch_order, pairs_of, rank_slice, split_groups, truncate_groups)
 from data.formats import load_preferences
 from dpo import concatenated_logps, dpo_loss, response_logps
-from errors import ConfigError, TrainingStopped
+from errors import ConfigError, Preempted, TrainingStopped
 from evaluation import evaluate, precompute_reference_logps, sample_texts
 from gpt2 import write_hf_checkpoint
 from optim import lr_at
-from parallel import (BAD_INPUT, build_training_state, needs_reference_model, on_rank0, reference_precision_name,
-                      setup_distributed)
-from run_dir import (MetricsLog, check_writable, keep_metrics_until, write_config, write_samples_before,
-                     write_samples_table)
+from parallel import (BAD_INPUT, build_training_state, check_model_fits, needs_reference_model, on_rank0,
+                      reference_precision_name, setup_distributed)
+from preemption import StopRequests
+from run_dir import (MetricsLog, check_writable, keep_metrics_until, lock_run_dir, unlock_run_dirs, write_config,
+                     write_samples_before, write_samples_table)
 from train_config import TrainConfig, data_options, logps_average, parse_args, shares_prompt
 
 # Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them,
 # and on the fingerprints of its data and starting weights (run_identity). The data's file, format
 # and length settings are in the data fingerprint: the same tokens from a moved file still resume.
+# epochs and max_steps are not: raising them extends a finished run (README, 'Resume').
 RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
-                     "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "epochs", "seed",
+                     "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "seed",
                      "precision", "reference_precision", "group_order")
 
 
@@ -232,16 +235,22 @@ def identity_hints(cfg: TrainConfig) -> dict:
                               "checkpoint started from"}
 
 
-def start_or_resume(cfg, identity, state, device, log) -> int:
+def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
     """Collective. The step to start from: that of the newest complete checkpoint, once it is found
     to be this run's (identity), intact (checksums) and loaded; else 0. Then the run directory is
     made to agree with it: partial checkpoints removed, config.yaml written, metrics.jsonl cut to
-    the steps before it."""
+    the steps before it. None when that checkpoint is at or past last_step: the run is complete,
+    and nothing in out_dir is touched."""
+    on_rank0(checkpoint.recover_replaced_checkpoints, device, "recover checkpoints", cfg.out_dir, log)
     checkpoints = checkpoint.complete_checkpoints(cfg.out_dir)
     step = 0
     if checkpoints:
         path = checkpoints[-1][1]
         on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity, identity_hints(cfg))
+        saved_step = on_rank0(checkpoint.saved_step, device, f"read {path}", path)
+        if saved_step >= last_step:
+            log(complete_message(cfg, path, saved_step, last_step))
+            return None
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
     if checkpoints:
         on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
@@ -250,8 +259,15 @@ def start_or_resume(cfg, identity, state, device, log) -> int:
                                                              train_state["good_steps"])
         log(f"resumed from {path} at step {step}")
     on_rank0(write_config, device, f"write {cfg.out_dir}/config.yaml", cfg)
-    on_rank0(keep_metrics_until, device, f"prepare {cfg.out_dir}/metrics.jsonl", cfg.out_dir, step)
+    on_rank0(keep_metrics_until, device, f"prepare {cfg.out_dir}/metrics.jsonl", cfg.out_dir, step, log)
     return step
+
+
+def complete_message(cfg, path, saved_step, last_step):
+    limit = (f"max_steps={cfg.max_steps}" if cfg.max_steps and cfg.max_steps <= last_step
+             else f"epochs={cfg.epochs} ({last_step} steps)")
+    return (f"run complete: {path} is at step {saved_step} and this command trains to step {last_step} ({limit}); "
+            f"nothing to do, nothing changed. To train on, raise max_steps or epochs (see README, 'Resume').")
 
 
 def save(cfg, state, step, steps_per_epoch, identity, device):
@@ -260,6 +276,15 @@ def save(cfg, state, step, steps_per_epoch, identity, device):
         "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps,
         "epoch": step // steps_per_epoch, "pairs_seen": step * cfg.batch_size, "identity": identity},
         cfg.keep_checkpoints, device)
+
+
+def stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signum):
+    """Collective: every rank received or was told of SIGTERM/SIGINT after this step; save, stop."""
+    path, _ = checkpoint.step_dirs(cfg.out_dir, step)
+    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):  # else just saved
+        save(cfg, state, step, steps_per_epoch, identity, device)
+    raise Preempted(signum, f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}. Run the "
+                            "same command to resume from it.")
 
 
 # ----------------------------------------------------------------------------- samples
@@ -272,12 +297,15 @@ def sample_prompts_of(eval_pairs, cfg):
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv=None):
+def main(argv=None, stop_requests=None):
     cfg = parse_args(argv)
+    stop_requests = stop_requests or StopRequests()  # run() installs it as the SIGTERM/SIGINT handler
     train_pairs, eval_pairs, counts, data_sha256 = load_data(cfg)  # before any process group, GPU or file work
     rank, world, device, mesh = setup_distributed(cfg)
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, world)
     log = log_on_rank0(rank)
+    on_rank0(check_model_fits, device, f"read the config of {cfg.init_from!r}", cfg)
+    on_rank0(lock_run_dir, device, f"lock {cfg.out_dir}", cfg.out_dir, log)  # before anything is written
     on_rank0(check_writable, device, f"write to {cfg.out_dir}", cfg.out_dir)
     log(f"data: {json.dumps(counts)}")
 
@@ -290,7 +318,9 @@ def main(argv=None):
     total_steps = steps_per_epoch * cfg.epochs
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     identity = run_identity(cfg, data_sha256, state.weights_sha256)
-    step = start_or_resume(cfg, identity, state, device, log)
+    step = start_or_resume(cfg, identity, state, device, log, last_step)
+    if step is None:
+        return
     metrics_log = MetricsLog(cfg, device)  # W&B starts once the run directory is this run's
 
     reference_logps = reference_eval_logps = None
@@ -334,6 +364,8 @@ def main(argv=None):
             log(format_log_line("eval", line))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
             save(cfg, state, step, steps_per_epoch, identity, device)
+        if step != last_step and (signum := stop_requests.agreed(device)):
+            stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signum)
 
     line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
                                              cfg, rank, world, device, step))
@@ -356,13 +388,17 @@ def export(cfg, state, device, log):
 
 
 def run(argv=None) -> int:
-    """The error boundary. Bad input (a config value, a data file, weights, a checkpoint): one line
-    that names what and where, exit 2. A run stopped on purpose (non-finite losses): one line,
-    exit 1. Anything else is a bug or a failure of the machine: it propagates with its traceback
-    (exit 1). The process group is destroyed after main's FSDP state is freed, on every path."""
+    """The error boundary. Bad input (a config value, a data file, weights, a checkpoint, a run
+    directory in use): one line that names what and where, exit 2. A run stopped on purpose
+    (non-finite losses or weights): one line, exit 1. SIGTERM/SIGINT: a checkpoint, one line, exit
+    128 + the signal. Anything else is a bug or a failure of the machine: it propagates with its
+    traceback (exit 1). On every path the process group is destroyed after main's FSDP state is
+    freed, the run directory's lock released and the signal handlers restored."""
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+    stop_requests = StopRequests()
+    stop_requests.install()
     try:
-        main(argv)
+        main(argv, stop_requests)
         return 0
     except BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)
@@ -370,9 +406,14 @@ def run(argv=None) -> int:
     except TrainingStopped as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Preempted as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        unlock_run_dirs()
+        stop_requests.restore()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from errors import ConfigError, InputError
 from gpt2 import GPT, GPTConfig, WeightsError, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
 from optim import LossScaler, make_optimizer
-from train_config import TrainConfig, check_sharding
+from train_config import TrainConfig, check_positions, check_sharding
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 BAD_INPUT = (InputError, WeightsError)  # one line and exit 2; anything else keeps its traceback
@@ -140,6 +140,14 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
     state_dict = {}  # filled on rank 0
     read = on_rank0(read_weights_into, device, f"read the weights of {cfg.init_from!r}", cfg, state_dict)
     return GPTConfig(**read["config"]), (state_dict if rank == 0 else None), read["weights_sha256"]
+
+
+def check_model_fits(cfg: TrainConfig):
+    """Rank 0, before anything is written: the init_from model's positions hold the run's sequences
+    (config.json only; the weights are read later)."""
+    if cfg.init_from != "scratch":
+        path = resolve_checkpoint_dir(cfg.init_from)
+        check_positions(cfg, read_hf_config(path).n_positions, os.path.join(path, "config.json"))
 
 
 def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:

@@ -3,11 +3,14 @@ sample files (samples.md, the before/after table). Files are replaced whole (wri
 file or the new one. The checkpoints under out_dir/checkpoints/ are checkpoint.py's.
 """
 import dataclasses
+import fcntl
 import json
 import os
+import socket
+import time
 
 from data.tokenizer import decode
-from errors import ConfigError
+from errors import ConfigError, DataError
 from parallel import on_rank0
 from train_config import TrainConfig, dump_config
 
@@ -18,6 +21,72 @@ def write_atomic(path, text):
         f.write(text)
     os.replace(tmp, path)
 
+
+# ----------------------------------------------------------------------------- one run per directory
+
+LOCK_FILE = ".lock"
+_held_locks = []  # file descriptors of the run directories this process holds (rank 0)
+
+
+def lock_run_dir(out_dir, log=print):
+    """Rank 0, before anything else is written: an exclusive lock on out_dir for the whole run, so
+    that two launches on one directory cannot interleave their checkpoints and metrics.
+
+    The lock is flock() on out_dir/.lock, which the kernel releases when the process ends, however
+    it ends; the file also names its holder (host, pid, start time) for the message a second launch
+    gets. A holder left in the file by a process that is gone (killed) is reported and replaced. On
+    several nodes out_dir must be on a shared filesystem (README); a holder on another host cannot
+    be checked from here, so it is refused with what to do.
+    """
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise ConfigError(f"out_dir {out_dir!r} is not writable ({err})") from err
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise ConfigError(f"out_dir {out_dir!r} is in use by another run ({_describe(holder)}); wait for it to end "
+                          "or use another out_dir") from None
+    holder = _read_holder(fd)
+    if holder and holder.get("host") != socket.gethostname():
+        os.close(fd)
+        raise ConfigError(f"out_dir {out_dir!r} is locked by a run on another machine ({_describe(holder)}), "
+                          f"which cannot be checked from here. If that run has ended, delete {path}")
+    if holder:
+        log(f"{path}: the run that held it ({_describe(holder)}) is no longer running (killed?); taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    _held_locks.append(fd)
+
+
+def unlock_run_dirs():
+    """Release the locks this process holds (the kernel would on exit; in-process runs need it now).
+    The holder is cleared first, so the next launch finds no stale holder to report."""
+    while _held_locks:
+        fd = _held_locks.pop()
+        os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _read_holder(fd):
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"null")
+    except ValueError:  # a lock file torn by a crash: no holder to name
+        return None
+
+
+def _describe(holder):
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+
+
+# ----------------------------------------------------------------------------- files
 
 def check_writable(out_dir):
     """Refuse a run directory that can't be written, before training rather than at the first
@@ -66,14 +135,32 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
-def keep_metrics_until(out_dir, step: int):
+def keep_metrics_until(out_dir, step: int, log=print):
     """Keep metrics.jsonl's lines up to `step` (the checkpoint resumed from); step 0, a fresh
-    start, drops an earlier attempt's lines (its step-0 eval is recorded again)."""
+    start, drops an earlier attempt's lines (its step-0 eval is recorded again). A torn last line
+    (the disk filled or the process died during an append) is dropped with a message; any other
+    unreadable line is an error naming the file and line."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if step > 0 and json.loads(line)["step"] <= step]
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()  # every complete append ends with a newline
+    kept = []
+    for number, raw in enumerate(lines, start=1):
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("expected a JSON object with an integer 'step'")
+        except ValueError as err:  # also JSONDecodeError, UnicodeDecodeError
+            if number == len(lines) and not data.endswith(b"\n"):
+                log(f"{path}: dropping the torn last line {number} (an append was interrupted)")
+                continue
+            raise DataError(f"{path}:line {number}: not a metrics record ({err}); fix or remove the line") from err
+        if step > 0 and record["step"] <= step:
+            kept.append(raw.decode() + "\n")
     write_atomic(path, "".join(kept))
 
 
@@ -91,15 +178,26 @@ def samples_table(prompts, before, after):
     return "\n".join(rows) + "\n"
 
 
+NOT_SAMPLED = "(not sampled before training: n_samples was smaller at the start)"
+
+
 def write_samples_before(cfg, prompts, before):
-    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"), json.dumps(before))
-    write_atomic(os.path.join(cfg.out_dir, "samples.md"),
-                 samples_table([decode(p) for p in prompts], before, ["(training)"] * len(before)))
+    """samples_before.json maps each prompt's text to its continuation before training, so that the
+    table at the end finds them even if n_samples (and so the prompts) changed on a resume."""
+    texts = [decode(p) for p in prompts]
+    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"), json.dumps(dict(zip(texts, before))))
+    write_atomic(os.path.join(cfg.out_dir, "samples.md"), samples_table(texts, before, ["(training)"] * len(before)))
 
 
 def write_samples_table(cfg, prompts, after, log):
-    with open(os.path.join(cfg.out_dir, "samples_before.json")) as f:
-        before = json.load(f)
-    table = samples_table([decode(p) for p in prompts], before, after)
+    path = os.path.join(cfg.out_dir, "samples_before.json")
+    before_by_prompt = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            before_by_prompt = json.load(f)
+    if not isinstance(before_by_prompt, dict):  # written by an older version: a list, prompts unknown
+        before_by_prompt = {}
+    texts = [decode(p) for p in prompts]
+    table = samples_table(texts, [before_by_prompt.get(text, NOT_SAMPLED) for text in texts], after)
     write_atomic(os.path.join(cfg.out_dir, "samples.md"), table)
     log("\n" + table)

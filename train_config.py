@@ -7,6 +7,7 @@ flag, before anything is written or any weights are loaded.
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -115,6 +116,7 @@ CHOICES = {
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
     "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
 }
+MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offsets per-eval sampling seeds
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
             "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")
 NON_NEGATIVE = ("max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
@@ -172,6 +174,16 @@ def validate(cfg: TrainConfig):
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    for f in dataclasses.fields(TrainConfig):  # NaN passes every comparison below; inf is never meant
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            raise ConfigError(f"{f.name} must be a finite number, got {getattr(cfg, f.name)}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {getattr(cfg, key)}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {cfg.seed}")
+    if cfg.init_from == "scratch":
+        check_positions(cfg, cfg.n_positions, "n_positions")
     # the rules that live with the code they protect, in the same words
     check_loss_settings(cfg.beta, cfg.loss_type, cfg.label_smoothing)
     check_eval_fraction(cfg.eval_fraction)
@@ -232,6 +244,18 @@ def parse_args(argv=None) -> TrainConfig:
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
+
+
+def check_positions(cfg: TrainConfig, n_positions: int, source: str):
+    """Every sequence the run builds fits the model's positions: a training row (max_len tokens) and
+    a sampled one (the prompt, then max_new_tokens). `source` says where n_positions comes from."""
+    if cfg.max_len > n_positions:
+        raise ConfigError(f"max_len={cfg.max_len} is longer than the model's {n_positions} positions ({source}); "
+                          f"set max_len <= {n_positions}")
+    sampled = cfg.max_prompt_len + cfg.max_new_tokens
+    if (cfg.n_samples or cfg.kl_samples) and sampled > n_positions:
+        raise ConfigError(f"max_prompt_len + max_new_tokens = {sampled} is longer than the model's {n_positions} "
+                          f"positions ({source}); samples and the KL estimate would not fit")
 
 
 def check_sharding(cfg: TrainConfig, world_size: int = 1):
