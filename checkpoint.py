@@ -111,8 +111,8 @@ def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: in
     try:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
     except (Exception, CheckpointException) as err:  # DCP gathers every rank's write errors (disk full...)
-        raise RuntimeError(f"could not write checkpoint {tmp}: {failure_text(err)}; the last complete "
-                           "checkpoint is untouched") from err
+        raise RuntimeError(f"could not write checkpoint {tmp}: {failure_text(err)}{space_problem(tmp, model_state, optim_state)}"
+                           "; the last complete checkpoint is untouched") from err
     on_rank0(complete_checkpoint, device, f"complete checkpoint {final}", out_dir, step, train_state, keep)
     return final
 
@@ -130,6 +130,32 @@ def failure_text(err) -> str:
         shown = cause if cause is not None else exc
         texts.append(f"{type(shown).__name__}: {shown}")
     return "; ".join(sorted(set(texts)))
+
+
+def space_problem(directory, *states) -> str:
+    """" (No space left on device: ...)" when the filesystem cannot hold this rank's shards: torch's
+    writer reports a full disk as "unexpected pos 704 vs 598", without the OSError."""
+    needed = 0
+    for state in states:
+        for value in _tensors(state):
+            local = value.to_local() if hasattr(value, "to_local") else value
+            needed += local.numel() * local.element_size()
+    free = shutil.disk_usage(directory).free
+    if free >= needed:
+        return ""
+    return (f" (No space left on device: {free / 2**20:.1f} MiB free on the filesystem of {directory}, this rank's "
+            f"shards need about {needed / 2**20:.1f} MiB)")
+
+
+def _tensors(state):
+    if isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+    elif isinstance(state, torch.Tensor):
+        yield state
 
 
 def make_empty_dir(path):

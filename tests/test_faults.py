@@ -3,7 +3,9 @@ batch, an unwritable run directory, bad data — and what must survive them."""
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +274,157 @@ def test_nothing_is_unpickled_or_executed_from_files():
         assert "import pickle" not in text and "pickle.load" not in text, path
         assert "yaml.load(" not in text and "yaml.unsafe_load" not in text, path
         assert "trust_remote_code" not in text, path
+
+
+# ----------------------------------------------------------------------------- one writer, nothing lost
+
+def test_a_second_launch_on_a_directory_in_use_is_refused_and_a_dead_holder_is_replaced(tmp_path):
+    """Two launches on one out_dir: the second exits 2 naming the directory and the running one,
+    and changes nothing; once the first is killed (SIGKILL: no clean-up), the next launch reports
+    the dead holder and takes the directory over."""
+    first = subprocess.Popen(command(tmp_path, "--max_steps=40", "--sharding=none"), cwd=ROOT, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in first.stdout:
+        seen.append(line)
+        if line.startswith("step 2/"):
+            break
+    before = snapshot(tmp_path)
+    second = run_here(tmp_path, "--max_steps=2", "--sharding=none")
+    after = snapshot(tmp_path)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert second.returncode == 2, "".join(seen[-20:]) + second.stderr
+    assert f"out_dir '{tmp_path}' is in use by another run (pid {first.pid} on host {socket.gethostname()}" \
+        in second.stderr
+    assert {p for p in after if "metrics" not in p.name} == {p for p in before if "metrics" not in p.name}
+    third = run_here(tmp_path, "--max_steps=2", "--sharding=none")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"(pid {first.pid} on host" in third.stdout and "is no longer running" in third.stdout
+    assert json.loads((tmp_path / ".lock").read_bytes() or b"null") is None  # released, holder cleared
+
+
+def test_an_interrupted_re_save_of_a_step_loses_no_checkpoint(run_with_checkpoints):
+    """A save of a step that already has a checkpoint completes the new one in .tmp_step_N, moves
+    the old aside to .old_step_N, then renames: killed between the renames, only those two are
+    left. The next launch puts the old one back and resumes from it (it used to delete both)."""
+    checkpoints = run_with_checkpoints / "checkpoints"
+    (checkpoints / "step_000004").rename(checkpoints / ".old_step_000004")
+    shutil.copytree(checkpoints / ".old_step_000004", checkpoints / ".tmp_step_000004")
+    result = run_here(run_with_checkpoints, "--max_steps=6", "--ckpt_every=2", "--sharding=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recovering" in result.stdout and "resumed from" in result.stdout and "step_000004 at step 4" in result.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004", "step_000006"]
+
+
+def test_a_torn_metrics_line_is_dropped_and_a_bad_one_named(run_with_checkpoints):
+    metrics = run_with_checkpoints / "metrics.jsonl"
+    complete = metrics.read_text()
+    metrics.write_text(complete + '{"step": 5, "loss": 0.6')  # the disk filled during an append
+    result = run_here(run_with_checkpoints, "--max_steps=6", "--sharding=none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{metrics}: dropping the torn last line" in result.stdout
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+    metrics.write_text(complete.replace("\n", "\nnot json\n", 1))
+    result = run_here(run_with_checkpoints, "--max_steps=8", "--sharding=none")
+    assert result.returncode == 2 and f"{metrics}:line 2: not a metrics record" in result.stderr
+
+
+def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real full disk: a tmpfs with room for one checkpoint (about 25 MB here) but not two."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=36m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        result = run_here(small / "run", "--max_steps=6", "--ckpt_every=2", "--sharding=none", "--n_samples=0")
+        assert result.returncode == 1
+        assert "could not write checkpoint" in result.stderr and "No space left on device" in result.stderr
+        kept = small / "run" / "checkpoints" / "step_000002"
+        assert (kept / "train_state.json").exists() and not (small / "run" / "checkpoints" / "step_000004").exists()
+        from checkpoint import verify_checkpoint
+        verify_checkpoint(str(kept))  # every file there with its recorded size and sha256
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_sigterm_saves_the_step_and_the_relaunch_loses_nothing(uninterrupted, tmp_path):
+    process = subprocess.Popen(command(tmp_path, *LONG_RUN), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = signal_when_logged(process, r"^step 5/12", signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
+    assert stopped_at >= 5 and (tmp_path / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
+    relaunched = run(tmp_path, *LONG_RUN)
+    assert relaunched.returncode == 0, relaunched.stderr[-3000:]
+    assert f"at step {stopped_at}" in relaunched.stdout  # resumed where it stopped: no step lost
+    assert_bitwise_equal(tmp_path, uninterrupted)
+
+
+def test_sigterm_to_the_torchrun_agent_stops_both_ranks_after_a_save(uninterrupted, tmp_path):
+    def launch(out_dir):
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "fsdp_train.py", *TINY, f"--out_dir={out_dir}", "--max_steps=12", "--ckpt_every=4"],
+            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    agent = launch(tmp_path)
+    output = signal_when_logged(agent, r"^step 5/12", signal.SIGTERM)
+    stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
+    assert output.count("stopped by SIGTERM") == 2  # each rank stopped after the same step, none hung
+    assert (tmp_path / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
+    relaunched = launch(tmp_path)
+    output, _ = relaunched.communicate(timeout=300)
+    assert relaunched.returncode == 0, output[-3000:]
+    assert f"at step {stopped_at}" in output
+    assert_same_losses(train_losses(tmp_path), train_losses(uninterrupted), n_steps=12)
+    assert_weights_close(final_weights(tmp_path), final_weights(uninterrupted))
+
+
+def signal_when_logged(process, pattern, signum):
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            process.send_signal(signum)
+            break
+    rest, _ = process.communicate(timeout=300)
+    return "".join(seen) + rest
+
+
+# ----------------------------------------------------------------------------- finished, changed, overflowed
+
+def test_a_finished_run_launched_again_touches_nothing_and_can_be_extended(run_with_checkpoints):
+    before = snapshot(run_with_checkpoints)
+    for max_steps in (4, 2):  # the same command; one that asks for fewer steps
+        again = run_here(run_with_checkpoints, f"--max_steps={max_steps}", "--ckpt_every=2", "--sharding=none")
+        assert again.returncode == 0 and "run complete" in again.stdout and "nothing to do" in again.stdout
+        assert snapshot(run_with_checkpoints) == before
+    extended = run_here(run_with_checkpoints, "--max_steps=6", "--ckpt_every=2", "--sharding=none", "--n_samples=4")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "at step 4" in extended.stdout and "step 6/6" in extended.stdout
+    # n_samples changed from 2 to 4: the prompts sampled before training keep their samples, new ones say so
+    table = (run_with_checkpoints / "samples.md").read_text()
+    assert table.count("| ") >= 4 and "not sampled before training" in table
+    assert json.loads((run_with_checkpoints / "checkpoints" / "step_000006" / "train_state.json").read_text())["step"] == 6
+
+
+def test_samples_asked_for_only_on_resume_do_not_break_the_run(tmp_path):
+    first = run_here(tmp_path, "--max_steps=2", "--ckpt_every=2", "--sharding=none", "--n_samples=0")
+    assert first.returncode == 0 and not (tmp_path / "samples.md").exists()
+    resumed = run_here(tmp_path, "--max_steps=4", "--sharding=none", "--n_samples=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not sampled before training" in (tmp_path / "samples.md").read_text()
+    assert json.loads((tmp_path / "final" / "config.json").read_text())  # the export is this run's, at step 4
+    assert max(json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_weights_made_non_finite_by_an_update_are_never_saved(tmp_path):
+    """lr 3e38 is finite, but Adam's first step size lr / (1 - beta1) overflows: the update turns the
+    weights to inf/NaN while the step's loss and gradient were finite. No checkpoint holds them."""
+    result = run_here(tmp_path, "--lr=3e38", "--max_steps=3", "--ckpt_every=1", "--sharding=none")
+    assert result.returncode == 1
+    assert "step 1: the weights are no longer finite" in result.stderr and "Last good checkpoint: none" in result.stderr
+    assert not list(tmp_path.glob("checkpoints/step_*"))

@@ -320,13 +320,36 @@ def test_demo_config_learns(tmp_path):
     (["--loss_type=ipo", "--label_smoothing=0.1"], "label_smoothing=0.1 is not defined for loss_type 'ipo'"),
     (["--dataset=jsonl", "--data_path=does/not/exist.jsonl"], "does/not/exist.jsonl"),
     (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
+    (["--lr=inf"], "lr must be a finite number, got inf"),
+    (["--grad_clip=nan"], "grad_clip must be a finite number, got nan"),
+    (["--temperature=nan"], "temperature must be a finite number, got nan"),
+    (["--adam_beta1=1"], "adam_beta1 must be in [0, 1), got 1.0"),
+    (["--adam_beta2=-0.1"], "adam_beta2 must be in [0, 1), got -0.1"),
+    (["--seed=-1"], "seed must be in 0..4294967295, got -1"),
+    (["--seed=4294967296"], "seed must be in 0..4294967295, got 4294967296"),
+    (["--max_len=80"], "max_len=80 is longer than the model's 64 positions (n_positions)"),
+    (["--max_prompt_len=60", "--max_len=64", "--max_new_tokens=5"],
+     "max_prompt_len + max_new_tokens = 65 is longer than the model's 64 positions"),
 ])
 def test_bad_config_fails_before_writing_anything(tmp_path, args, message):
     out_dir = tmp_path / "run"
     result = run_python(out_dir, *args, check=False)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert message in result.stderr
     assert not out_dir.exists()
+
+
+def test_init_from_model_too_short_for_max_len_is_refused_before_loading(tmp_path):
+    """n_positions comes from the model's config.json: refused naming it, before any weight is read
+    (the weight file here is garbage, so reading it would be a different error)."""
+    from gpt2 import GPT, GPTConfig
+    weights = tmp_path / "weights"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=24)).save_pretrained(weights)
+    (weights / "model.safetensors").write_bytes(b"not read")
+    result = run_python(tmp_path / "run", f"--init_from={weights}", check=False)
+    assert result.returncode == 2
+    assert f"max_len=32 is longer than the model's 24 positions ({weights / 'config.json'})" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_yaml_key_names_the_file(tmp_path):
