@@ -184,11 +184,13 @@ POISONED_POSITION = 30
 
 @pytest.fixture
 def poisoned_setup(tmp_path):
-    """A model whose position-30 embedding is NaN, and data where only one pair is long enough to
-    reach position 30: the batch holding that pair is poisoned (its loss is NaN), no other is."""
+    """A model whose position-30 embedding is finite but huge (+-3e38: layer norm's mean of it
+    overflows), and data where only one pair is long enough to reach position 30: the batch holding
+    that pair is poisoned (its loss is NaN), no other is. The weights stay finite, so checkpoints of
+    them may be saved."""
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64)).init_weights(seed=0)
     with torch.no_grad():
-        model.transformer.wpe.weight[POISONED_POSITION] = float("nan")
+        model.transformer.wpe.weight[POISONED_POSITION] = torch.tensor([3e38, -3e38] * 16)
     model.save_pretrained(tmp_path / "weights")
     lines = [{"prompt": f"Review {i}: the film was", "chosen": " good.", "rejected": " bad."} for i in range(64)]
     long_index = 37
