@@ -54,20 +54,23 @@ def token_logps(logits, targets):
     return _TokenLogps.apply(logits, targets)
 
 
-def _logits_and_targets(model, input_ids, response_mask, attention_mask):
-    """The LM head's (N, V) logits at the positions that predict response tokens, their (N,)
-    targets, and each token's (N,) row. The token at t is predicted by the logits at t - 1, so the
-    LM head runs only at positions t - 1 for response tokens t (the model's logits_at): at 64 + 24
-    tokens that is 24 of 88 rows of the largest matmul."""
-    if response_mask[:, 0].any():
-        raise ValueError("a response token at position 0 has no prefix to be predicted from; "
-                         "every sequence needs at least one prompt token")
-    head_mask = torch.zeros_like(response_mask)
-    head_mask[:, :-1] = response_mask[:, 1:]  # (B, T): positions whose logits predict a response token
-    logits = model(input_ids, attention_mask=attention_mask, logits_at=head_mask)  # (N, V)
-    targets = input_ids[:, 1:][response_mask[:, 1:]]  # (N,), same row-major order as the packed logits
-    row_of_token = torch.arange(input_ids.size(0), device=input_ids.device)[:, None].expand_as(head_mask)[head_mask]
-    return logits, targets, row_of_token
+def scored_token_sums(model, input_ids, predictor_index, target_ids, sequence_of_token, n_sequences,
+                      token_weight=None, **model_inputs):
+    """The core of every log-prob here: per sequence, (summed log-probs (S,) fp32, summed mean
+    logits (S,) fp32, detached) of the scored tokens. predictor_index: (N,) flat indices into the
+    B*T positions whose logits predict target_ids (N,); sequence_of_token: (N,) in 0..S-1;
+    token_weight: optional (N,) 0/1 weights (tokens past an end-of-text in a sample).
+
+    All index tensors: no data-dependent shape in here, so no host sync. The LM head runs only at
+    the predicting positions (the model's logits_at): at 64 + 24 tokens that is 24 of 88 rows of
+    the largest matmul, and the (N, 50257) logits are all that is kept."""
+    logits = model(input_ids, logits_at=predictor_index, **model_inputs)  # (N, V)
+    per_token = token_logps(logits, target_ids)  # (N,)
+    mean_logits = logits.detach().mean(-1, dtype=torch.float32)  # (N,): TRL's logits/* metric
+    if token_weight is not None:
+        per_token, mean_logits = per_token * token_weight, mean_logits * token_weight
+    return (_sum_per_sequence(per_token, sequence_of_token, n_sequences),
+            _sum_per_sequence(mean_logits, sequence_of_token, n_sequences))
 
 
 def _sum_per_sequence(values, sequence_of_value, n_sequences):
@@ -79,15 +82,47 @@ def _sum_per_sequence(values, sequence_of_value, n_sequences):
 def response_logps(model, input_ids, response_mask, attention_mask=None, average=False):
     """Sum over response tokens of log p(token | everything before it): (B,) fp32.
 
-    input_ids: (B, T) prompt + response (+ right padding); response_mask: (B, T) bool, True at the
-    response tokens being scored. average=True divides by the number of response tokens.
-    attention_mask: None for right-padded batches (plain causal attention is exact there).
+    input_ids: (B, T) prompt + response (+ padding); response_mask: (B, T) bool, True at the
+    response tokens being scored (position t is predicted by the logits at t - 1).
+    average=True divides by the number of response tokens. attention_mask: None for right-padded
+    batches (plain causal attention is exact there). Builds its index tensors from the mask, which
+    syncs with the host: the trainer's batches bring theirs from collate (concatenated_logps,
+    sft_loss) and samples use span_logps.
     """
-    logits, targets, row_of_token = _logits_and_targets(model, input_ids, response_mask, attention_mask)
-    logps = _sum_per_sequence(token_logps(logits, targets), row_of_token, input_ids.size(0))  # (B,)
+    if response_mask[:, 0].any():
+        raise ValueError("a response token at position 0 has no prefix to be predicted from; "
+                         "every sequence needs at least one prompt token")
+    B, T = input_ids.shape
+    target_positions = response_mask.flatten().nonzero().squeeze(1)  # (N,) flat, row-major
+    logps, _ = scored_token_sums(model, input_ids, target_positions - 1, input_ids.flatten()[target_positions],
+                                 target_positions // T, B, attention_mask=attention_mask)
     if average:
         logps = logps / response_mask.sum(-1).clamp(min=1)
     return logps
+
+
+def span_logps(model, input_ids, start, attention_mask, token_mask):
+    """(B,) summed log-probs of the tokens at columns start..T-1 where token_mask is True: the
+    continuations sampled after left-padded prompts that end at column start - 1 (evaluation's KL
+    estimate). The index tensors are arithmetic on the device: no host sync."""
+    B, T = input_ids.shape
+    span = T - start
+    rows = torch.arange(B, device=input_ids.device)
+    predictor_index = (rows[:, None] * T + torch.arange(start - 1, T - 1, device=input_ids.device)).flatten()
+    logps, _ = scored_token_sums(model, input_ids, predictor_index, input_ids[:, start:].flatten(),
+                                 rows.repeat_interleave(span), B, token_weight=token_mask[:, start:].flatten().float(),
+                                 attention_mask=attention_mask)
+    return logps
+
+
+def sft_loss(model, batch: PairBatch):
+    """SFT (the DPO paper's first stage): negative log-likelihood per chosen-response token, and its
+    metrics. Only the chosen rows (0..B-1) run; their tokens are the batch's first n_chosen_tokens."""
+    n_pairs, n = batch.input_ids.size(0) // 2, batch.n_chosen_tokens
+    chosen_logps, _ = scored_token_sums(model, batch.input_ids[:n_pairs], batch.predictor_index[:n],
+                                        batch.target_ids[:n], batch.target_row[:n], n_pairs)
+    loss = -chosen_logps.sum() / n
+    return loss, {"loss": loss.detach(), "logps/chosen": chosen_logps.detach().mean()}
 
 
 @dataclass
@@ -114,22 +149,19 @@ def concatenated_logps(model, batch: PairBatch | PackedBatch) -> PairLogps:
     rejected), or a PackedBatch, one row per prompt [prompt | response | ...], the prompt computed
     once for all its responses (each distinct response, a "slot", scored once)."""
     if isinstance(batch, PackedBatch):
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                       logits_at=batch.predictor_index)  # (N, V)
-        targets, sequence_of_token, n_sequences = batch.target_ids, batch.target_slot, batch.slot_lengths.size(0)
-        lengths = batch.slot_lengths
+        sequence_of_token, n_sequences, lengths = batch.target_slot, batch.slot_lengths.size(0), batch.slot_lengths
         chosen, rejected = batch.chosen_slot, batch.rejected_slot
+        model_inputs = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     elif isinstance(batch, PairBatch):
-        logits, targets, sequence_of_token = _logits_and_targets(model, batch.input_ids, batch.response_mask, None)
-        n_sequences = batch.input_ids.size(0)
+        sequence_of_token, n_sequences = batch.target_row, batch.input_ids.size(0)
         lengths = batch.response_mask.sum(-1)
         chosen = torch.arange(n_sequences // 2, device=lengths.device)
         rejected = chosen + n_sequences // 2
+        model_inputs = {}  # right-padded rows: plain causal attention is exact
     else:
         raise TypeError(f"concatenated_logps: expected a PairBatch or a PackedBatch, got {type(batch).__name__}")
-    logps = _sum_per_sequence(token_logps(logits, targets), sequence_of_token, n_sequences)  # (S,)
-    # TRL's logits/chosen and logits/rejected: one reduction over the logits that exist anyway
-    logit_sums = _sum_per_sequence(logits.detach().mean(-1, dtype=torch.float32), sequence_of_token, n_sequences)
+    logps, logit_sums = scored_token_sums(model, batch.input_ids, batch.predictor_index, batch.target_ids,
+                                          sequence_of_token, n_sequences, **model_inputs)  # (S,) each
     lengths = lengths.float()
     return PairLogps(logps[chosen], logps[rejected], lengths[chosen], lengths[rejected],
                      logit_sums[chosen], logit_sums[rejected])

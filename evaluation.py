@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
-from dpo import PairLogps, concatenated_logps, dpo_loss, response_logps
+from dpo import PairLogps, concatenated_logps, dpo_loss, span_logps
 from parallel import on_rank0
 from run_dir import write_atomic
 from train_config import logps_average, shares_prompt
@@ -95,8 +95,9 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
         prompts = distinct_prompts(eval_pairs, cfg.kl_samples)
         tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step,
                                                        temperature=1.0)
-        log_ratio = (response_logps(policy, tokens, response_mask, attention_mask)
-                     - response_logps(reference, tokens, response_mask, attention_mask))
+        start = tokens.size(1) - cfg.max_new_tokens  # every prompt ends at column start - 1 (left-padded)
+        log_ratio = (span_logps(policy, tokens, start, attention_mask, response_mask)
+                     - span_logps(reference, tokens, start, attention_mask, response_mask))
         metrics["kl"] = log_ratio.mean()
     policy.train()
     return {f"eval/{k}": v for k, v in metrics.items()}

@@ -27,7 +27,7 @@ import checkpoint
 from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, data_fingerprint, epoch_order,
                           grouped_epoch_order, pairs_of, rank_slice, split_groups, truncate_groups)
 from data.formats import load_preferences
-from dpo import concatenated_logps, dpo_loss, response_logps
+from dpo import concatenated_logps, dpo_loss, sft_loss
 from errors import ConfigError, Preempted, TrainingStopped
 from evaluation import evaluate, precompute_reference_logps, sample_texts
 from gpt2 import write_hf_checkpoint
@@ -71,11 +71,7 @@ def batch_loss(policy, reference, batch: PairBatch | PackedBatch, cfg, reference
     """Mean loss and metrics of one micro-batch. One forward over chosen+rejected for the policy,
     one for the reference, unless reference_logps ((B, 2) summed chosen, rejected) were precomputed."""
     if cfg.objective == "sft":  # negative log-likelihood per chosen-response token
-        n_pairs = batch.input_ids.size(0) // 2
-        chosen_mask = batch.response_mask[:n_pairs]
-        chosen_logps = response_logps(policy, batch.input_ids[:n_pairs], chosen_mask)
-        loss = -chosen_logps.sum() / chosen_mask.sum()
-        return loss, {"loss": loss.detach(), "logps/chosen": chosen_logps.detach().mean()}
+        return sft_loss(policy, batch)
     policy_logps = concatenated_logps(policy, batch)
     if cfg.reference_free:
         reference_chosen = reference_rejected = None

@@ -142,16 +142,24 @@ def rank_slice(items: list, rank: int, world_size: int) -> list:
 
 class _Tensors:
     def to(self, device):
-        """The same batch with every tensor on `device`."""
-        return type(self)(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        """The same batch with every tensor on `device` (other fields as they are)."""
+        return type(self)(**{f.name: (getattr(self, f.name).to(device, non_blocking=True)
+                                      if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+                             for f in fields(self)})
 
 
 @dataclass
 class PairBatch(_Tensors):
-    """B pairs as 2B right-padded rows: 0..B-1 prompt + chosen, B..2B-1 prompt + rejected."""
+    """B pairs as 2B right-padded rows: 0..B-1 prompt + chosen, B..2B-1 prompt + rejected.
+    The scored tokens are given as index tensors built here, on the host, so that the step itself
+    has no data-dependent shapes (boolean-mask indexing would make the GPU wait for the host)."""
     input_ids: torch.Tensor  # (2B, T) long
     attention_mask: torch.Tensor  # (2B, T) bool, True on real tokens
     response_mask: torch.Tensor  # (2B, T) bool, True on the response tokens that are scored
+    predictor_index: torch.Tensor  # (N,) flat index into 2B*T of the position whose logits predict each target
+    target_ids: torch.Tensor  # (N,) every response token, row after row (the chosen rows' first)
+    target_row: torch.Tensor  # (N,) in 0..2B-1
+    n_chosen_tokens: int  # the first n_chosen_tokens targets are the chosen rows' (SFT scores only those)
 
 
 @dataclass
@@ -185,17 +193,26 @@ def collate_pairs(pairs: list[Pair], pad_id: int = EOT_ID) -> PairBatch:
     """
     if not pairs:
         raise ValueError("collate_pairs: got no pairs; a batch needs at least one")
+    if not all(p.prompt for p in pairs):
+        raise ValueError("collate_pairs: a pair has an empty prompt; the first response token needs a prompt "
+                         "token to be predicted from")
     rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     T = max(len(prompt) + len(response) for prompt, response in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (2B, T)
     response_mask = torch.zeros((len(rows), T), dtype=torch.bool)  # (2B, T)
+    predictors, targets, target_rows = [], [], []
     for row, (prompt, response) in enumerate(rows):
         n_prompt, n_total = len(prompt), len(prompt) + len(response)
         input_ids[row, :n_total] = torch.tensor(prompt + response, dtype=torch.long)
         attention_mask[row, :n_total] = True
         response_mask[row, n_prompt:n_total] = True
-    return PairBatch(input_ids, attention_mask, response_mask)
+        predictors += range(row * T + n_prompt - 1, row * T + n_total - 1)  # position t - 1 predicts token t
+        targets += response
+        target_rows += [row] * len(response)
+    return PairBatch(input_ids, attention_mask, response_mask, torch.tensor(predictors, dtype=torch.long),
+                     torch.tensor(targets, dtype=torch.long), torch.tensor(target_rows, dtype=torch.long),
+                     n_chosen_tokens=sum(len(p.chosen) for p in pairs))
 
 
 def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> PackedBatch:

@@ -313,19 +313,52 @@ def test_response_logps_match_transformers(hf_and_ours, side):
     assert torch.allclose(got_mean.double(), expected / response_mask.sum(-1), rtol=1e-5, atol=0)
 
 
-def test_concatenated_forward_equals_two_separate_forwards(hf_and_ours):
-    _, ours = hf_and_ours
-    chosen_ids, _, chosen_mask = prompt_response_batch("right", (4, 6), (3, 8))
-    rejected_ids, _, rejected_mask = prompt_response_batch("right", (4, 6), (10, 2))
-    T = max(chosen_ids.size(1), rejected_ids.size(1))
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, T - t.size(1)), value=value)  # noqa: E731
-    input_ids = torch.cat([pad(chosen_ids, 50256), pad(rejected_ids, 50256)])
-    batch = PairBatch(input_ids, attention_mask=input_ids != 50256,
-                      response_mask=torch.cat([pad(chosen_mask, False), pad(rejected_mask, False)]))
+def test_concatenated_forward_matches_transformers_on_each_sequence(hf_and_ours):
+    """collate_pairs' 2B right-padded rows in one forward: each pair's chosen and rejected log-prob
+    equals transformers on prompt + response alone; SFT's chosen-only forward gives the same chosen."""
+    from data.batches import Pair, collate_pairs
+    from dpo import sft_loss
+    hf, ours = hf_and_ours
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(4, 3, 10), (6, 8, 2)]  # (prompt, chosen, rejected) lengths
+    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i,
+                  chosen_index=0, rejected_index=1) for i, shape in enumerate(shapes)]
+    batch = collate_pairs(pairs)
     with torch.no_grad():
-        chosen, rejected = concatenated_logps(ours, batch).sequence_logps(average=False)
-        assert torch.allclose(chosen, response_logps(ours, chosen_ids, chosen_mask), rtol=1e-6, atol=1e-5)
-        assert torch.allclose(rejected, response_logps(ours, rejected_ids, rejected_mask), rtol=1e-6, atol=1e-5)
+        both = concatenated_logps(ours, batch)
+        loss, metrics = sft_loss(ours, batch)
+    assert_each_pair_matches_transformers_alone(hf, pairs, both.chosen, both.rejected)
+    assert both.chosen_tokens.tolist() == [3, 8] and both.rejected_tokens.tolist() == [10, 2]
+    assert loss.item() == pytest.approx(-both.chosen.sum().item() / 11, rel=1e-6)
+    assert metrics["logps/chosen"].item() == pytest.approx(both.chosen.mean().item(), rel=1e-6)
+
+
+def test_the_step_hands_the_model_index_tensors_built_in_collate(hf_and_ours, monkeypatch):
+    """No data-dependent shapes inside the step (each would make a GPU wait for the host): every
+    path (packed, unpacked, SFT, the KL's sampled span) gives the model long index tensors, and the
+    training paths give it exactly the ones collate built."""
+    from data.batches import Pair, collate_pairs, collate_pairs_shared_prompt
+    from dpo import sft_loss, span_logps
+    _, ours = hf_and_ours
+    seen = []
+    forward = type(ours).forward
+
+    def recording_forward(self, input_ids, *args, logits_at=None, **kwargs):
+        seen.append(logits_at)
+        return forward(self, input_ids, *args, logits_at=logits_at, **kwargs)
+
+    monkeypatch.setattr(type(ours), "forward", recording_forward)
+    pairs = [Pair([5, 6, 7], [8, 9], [10], 0, 0, 1), Pair([11], [12, 13, 14], [15, 16], 1, 0, 1)]
+    unpacked, packed = collate_pairs(pairs), collate_pairs_shared_prompt(pairs)
+    with torch.no_grad():
+        concatenated_logps(ours, unpacked)
+        concatenated_logps(ours, packed)
+        sft_loss(ours, unpacked)
+        tokens = torch.randint(0, 50257, (2, 6))
+        span_logps(ours, tokens, 3, torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool))
+    assert all(index.dtype == torch.long for index in seen)
+    assert seen[0] is unpacked.predictor_index and seen[1] is packed.predictor_index
+    assert seen[2].data_ptr() == unpacked.predictor_index.data_ptr()  # a view of it: the chosen rows' first
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
