@@ -274,3 +274,21 @@ def test_top_k_and_top_p_restrict_the_sampled_set():
     assert abs((top_k == 2).float().mean().item() - 0.15 / 0.95) < 0.03
     cold = sample_next_token(logits, temperature=0.5, generator=gen)  # p^2 renormalised
     assert abs((cold == 0).float().mean().item() - 0.25 / (0.25 + 0.09 + 0.0225 + 0.0025)) < 0.03
+
+
+def test_scored_logits_of_a_bf16_model_are_computed_in_fp32():
+    """Under bf16/fp16 the LM head runs in fp32 on the rows asked for (logits_at): the logits equal
+    the fp64 product of the same bf16 hidden states and head weights, not their bf16 rounding."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16)).init_weights(seed=0)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(300)  # logits in the tens: bf16 would round them by up to 0.25
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([3, 9, 15])
+    with torch.no_grad():
+        logits = model(ids, logits_at=rows)
+        hidden = model(ids, return_hidden=True).flatten(0, 1)[rows]
+    expected = hidden.double() @ model.lm_head.weight.double().t()
+    assert logits.dtype == torch.float32 and expected.abs().max() > 16
+    assert (logits.double() - expected).abs().max() < 1e-3 * expected.abs().max()
+    assert (expected.to(torch.bfloat16).double() - expected).abs().max() > 0.05  # what rounding would have cost
