@@ -297,10 +297,13 @@ def main(argv=None, stop_requests=None):
     cfg = parse_args(argv)
     stop_requests = stop_requests or StopRequests()  # run() installs it as the SIGTERM/SIGINT handler
     train_pairs, eval_pairs, counts, data_sha256 = load_data(cfg)  # before any process group, GPU or file work
+    # Every rank, before the first collective: a hub download (6.4 GB for gpt2-xl) can outlast NCCL's
+    # 10-minute timeout, so no rank waits in a collective meanwhile (the hub cache's locks let one
+    # process download and the others wait for the file). Then its config.json is checked.
+    check_model_fits(cfg)
     rank, world, device, mesh = setup_distributed(cfg)
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, world)
     log = log_on_rank0(rank)
-    on_rank0(check_model_fits, device, f"read the config of {cfg.init_from!r}", cfg)
     on_rank0(lock_run_dir, device, f"lock {cfg.out_dir}", cfg.out_dir, log)  # before anything is written
     on_rank0(check_writable, device, f"write to {cfg.out_dir}", cfg.out_dir)
     log(f"data: {json.dumps(counts)}")

@@ -143,8 +143,9 @@ def initial_weights(cfg: TrainConfig, rank: int, device):
 
 
 def check_model_fits(cfg: TrainConfig):
-    """Rank 0, before anything is written: the init_from model's positions hold the run's sequences
-    (config.json only; the weights are read later)."""
+    """Every rank, before the process group exists and anything is written: fetch init_from (a hub
+    download lands in the cache here) and check that its positions hold the run's sequences
+    (config.json only; rank 0 reads the weights later)."""
     if cfg.init_from != "scratch":
         path = resolve_checkpoint_dir(cfg.init_from)
         check_positions(cfg, read_hf_config(path).n_positions, os.path.join(path, "config.json"))
