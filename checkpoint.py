@@ -58,6 +58,11 @@ def complete_checkpoints(out_dir) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def newest_checkpoint(out_dir) -> str | None:
+    checkpoints = complete_checkpoints(out_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
 def recover_replaced_checkpoints(out_dir, log=print):
     """Rank 0, before the checkpoints are listed: a save of a step that already had a checkpoint
     moves the old one to .old_step_N only once its replacement is complete in .tmp_step_N, then

@@ -128,16 +128,21 @@ def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, wo
     (which holds the fingerprints of the data and of the starting weights), matches."""
     path = os.path.join(cfg.out_dir, "reference_logps.safetensors")
     fingerprint = json.dumps(identity, sort_keys=True)
-    if os.path.isfile(path):
+    if on_rank0(cache_matches, device, f"read {path}.json", path, fingerprint):  # rank 0 decides for all
         cached = load_file(path, device=str(device))
-        with open(path + ".json") as f:
-            if f.read() == fingerprint:
-                return cached["train"], cached["eval"]
+        return cached["train"], cached["eval"]
     train = map_pairs(train_pairs, pair_logps(reference), cfg, rank, world, device)[:, :2].contiguous()  # (N, 2) summed
     evals = (map_pairs(eval_pairs, pair_logps(reference), cfg, rank, world, device)[:, :2].contiguous() if eval_pairs
              else torch.zeros(0, 2, device=device))
     on_rank0(write_reference_cache, device, f"write {path}", path, train, evals, fingerprint)
     return train, evals
+
+
+def cache_matches(path, fingerprint) -> bool:
+    if not (os.path.isfile(path) and os.path.isfile(path + ".json")):
+        return False
+    with open(path + ".json") as f:
+        return f.read() == fingerprint
 
 
 def write_reference_cache(path, train, evals, fingerprint):

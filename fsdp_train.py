@@ -35,7 +35,7 @@ from optim import lr_at
 from parallel import (BAD_INPUT, build_training_state, check_model_fits, needs_reference_model, on_rank0,
                       reference_precision_name, setup_distributed)
 from preemption import StopRequests
-from run_dir import (MetricsLog, check_writable, keep_metrics_until, lock_run_dir, unlock_run_dirs, write_config,
+from run_dir import (MetricsLog, check_shared_out_dir, check_writable, keep_metrics_until, lock_run_dir, unlock_run_dirs, write_config,
                      write_samples_before, write_samples_table)
 from train_config import TrainConfig, data_options, logps_average, parse_args, shares_prompt
 
@@ -238,17 +238,18 @@ def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
     the steps before it. None when that checkpoint is at or past last_step: the run is complete,
     and nothing in out_dir is touched."""
     on_rank0(checkpoint.recover_replaced_checkpoints, device, "recover checkpoints", cfg.out_dir, log)
-    checkpoints = checkpoint.complete_checkpoints(cfg.out_dir)
+    # rank 0 decides, every rank follows: on per-node disks, nodes that saw no checkpoint would skip
+    # the load collective and hang (check_shared_out_dir refuses such disks first)
+    path = on_rank0(checkpoint.newest_checkpoint, device, "list checkpoints", cfg.out_dir)
     step = 0
-    if checkpoints:
-        path = checkpoints[-1][1]
+    if path:
         on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity, identity_hints(cfg))
         saved_step = on_rank0(checkpoint.saved_step, device, f"read {path}", path)
         if saved_step >= last_step:
             log(complete_message(cfg, path, saved_step, last_step))
             return None
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
-    if checkpoints:
+    if path:
         on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
         train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
         step, state.scaler.scale, state.scaler.good_steps = (train_state["step"], train_state["loss_scale"],
@@ -306,6 +307,7 @@ def main(argv=None, stop_requests=None):
     log = log_on_rank0(rank)
     on_rank0(lock_run_dir, device, f"lock {cfg.out_dir}", cfg.out_dir, log)  # before anything is written
     on_rank0(check_writable, device, f"write to {cfg.out_dir}", cfg.out_dir)
+    check_shared_out_dir(cfg.out_dir, device)
     log(f"data: {json.dumps(counts)}")
 
     state = build_training_state(cfg, rank, device, mesh)

@@ -9,6 +9,9 @@ import os
 import socket
 import time
 
+import torch
+import torch.distributed as dist
+
 from data.tokenizer import decode
 from errors import ConfigError, DataError
 from parallel import on_rank0
@@ -84,6 +87,31 @@ def _describe(holder):
     if not holder:
         return "holder unknown"
     return f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
+
+
+def check_shared_out_dir(out_dir, device):
+    """Collective: every rank sees the file rank 0 just wrote in out_dir, or the run stops. Ranks on
+    several nodes share checkpoints, the reference cache and the lock through out_dir, so it must be
+    on a shared filesystem; a node-local disk would otherwise show up as a hang at the first load."""
+    if dist.get_world_size() == 1:
+        return
+    token = on_rank0(_write_token, device, f"write to {out_dir}", out_dir)
+    path = os.path.join(out_dir, f".shared_check_{token}")
+    seen = torch.tensor([float(os.path.isfile(path))], device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        os.remove(path)
+    if not seen.item():
+        raise ConfigError(f"out_dir {out_dir!r} is not on a filesystem that every rank sees (a file rank 0 wrote "
+                          f"there is missing on {socket.gethostname()} or another node); multi-node runs need "
+                          "out_dir on a shared filesystem")
+
+
+def _write_token(out_dir):
+    token = os.urandom(8).hex()
+    write_atomic(os.path.join(out_dir, f".shared_check_{token}"), token)
+    return token
 
 
 # ----------------------------------------------------------------------------- files
