@@ -1,5 +1,6 @@
 """parallel.py's rank-0 helper with two real ranks (two processes on a gloo group): whatever rank 0
-raises while working alone reaches every rank, so none waits in a collective until a timeout."""
+raises while working alone reaches every rank, so none waits in a collective until a timeout.
+And run_dir.check_shared_out_dir, which refuses an out_dir that only some ranks see."""
 import subprocess
 import sys
 import textwrap
@@ -32,15 +33,27 @@ WORKER = textwrap.dedent("""
         except Exception as err:
             print(kind, "raised", type(err).__name__, err)
         dist.barrier()  # both ranks get here: nobody is left waiting
+    from run_dir import check_shared_out_dir
+    for shared in (True, False):  # one out_dir for both ranks, or one per "node" (a node-local disk)
+        out_dir = os.path.join(sys.argv[3], "shared" if shared else f"node{rank}")
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            check_shared_out_dir(out_dir, torch.device("cpu"))
+            dist.barrier()  # rank 0 has removed its probe file
+            print("shared", shared, "ok", sorted(os.listdir(out_dir)))
+        except Exception as err:
+            print("shared", shared, "raised", type(err).__name__, err)
+            dist.barrier()
     print("done")
 """)
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    """The output of rank 0 and rank 1, each having called on_rank0 with the three kinds of work."""
-    port = str(free_port())
-    ranks = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), port], cwd=ROOT, text=True,
+def two_ranks(tmp_path_factory):
+    """The output of rank 0 and rank 1, each having called on_rank0 with the three kinds of work,
+    then check_shared_out_dir on a shared out_dir and on per-rank ones."""
+    port, out_dir = str(free_port()), str(tmp_path_factory.mktemp("out"))
+    ranks = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), port, out_dir], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
     outputs = [rank.communicate(timeout=60)[0] for rank in ranks]
     assert all(rank.returncode == 0 and "done" in out for rank, out in zip(ranks, outputs)), outputs
@@ -61,3 +74,8 @@ def test_bad_input_on_rank0_is_bad_input_on_every_rank(two_ranks):
     rank0, rank1 = two_ranks
     assert "data raised DataError pairs.jsonl: line 3: malformed JSON" in rank0
     assert "data raised InputError pairs.jsonl: line 3: malformed JSON" in rank1  # one line, exit 2 there too
+
+
+def test_an_out_dir_that_not_every_rank_sees_is_refused_on_every_rank(two_ranks):
+    assert all("shared True ok []" in out for out in two_ranks), two_ranks  # and the probe file is gone
+    assert all("shared False raised ConfigError" in out and "shared filesystem" in out for out in two_ranks)
