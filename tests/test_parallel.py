@@ -44,6 +44,7 @@ WORKER = textwrap.dedent("""
         except Exception as err:
             print("shared", shared, "raised", type(err).__name__, err)
             dist.barrier()
+    dist.destroy_process_group()  # before exit: a rank outliving the store's host aborts in gloo's threads
     print("done")
 """)
 
