@@ -47,15 +47,15 @@ class MetadataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module, name):
-        if (module, name) in ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
-                                                                                 torch.dtype)):
+        # vars(), not getattr(): torch's module __getattr__ would import whatever submodule is named
+        if (module, name) in ALLOWED_GLOBALS or (module == "torch" and isinstance(vars(torch).get(name), torch.dtype)):
             return super().find_class(module, name)
         raise CheckpointError(f"{self.path}: refused to unpickle {module}.{name}: it is not one of the classes DCP "
                               "checkpoint metadata is made of, so this file was crafted or comes from elsewhere. "
                               "Nothing was run; delete this checkpoint or point out_dir elsewhere.")
 
 
-def read_metadata(checkpoint_dir) -> Metadata:
+def read_checked_metadata(checkpoint_dir) -> Metadata:
     """The checkpoint's .metadata, read with MetadataUnpickler and checked; CheckpointError names the file."""
     path = os.path.join(checkpoint_dir, ".metadata")
     with open(path, "rb") as f:
@@ -78,7 +78,7 @@ def read_metadata(checkpoint_dir) -> Metadata:
 
 
 class CheckedMetadataReader(FileSystemReader):
-    """DCP's FileSystemReader, handing DCP the metadata read_metadata() already read and checked
+    """DCP's FileSystemReader, handing DCP the metadata read_checked_metadata() already read
     instead of unpickling the file with plain pickle."""
 
     def __init__(self, checkpoint_dir, metadata: Metadata):
@@ -119,7 +119,7 @@ class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
 def load(state: dict, checkpoint_dir):
     """Collective: dcp.load of state from checkpoint_dir, unpickling nothing but plain data.
     A refused file raises CheckpointError on every rank; DCP's other failures propagate as they are."""
-    metadata = read_metadata(checkpoint_dir)  # every rank reads the same file, so all refuse it alike
+    metadata = read_checked_metadata(checkpoint_dir)  # every rank reads the same file, so all refuse it alike
     try:
         dcp.load(state, storage_reader=CheckedMetadataReader(checkpoint_dir, metadata),
                  planner=WeightsOnlyLoadPlanner(checkpoint_dir, metadata))

@@ -358,8 +358,8 @@ def test_nothing_is_unpickled_or_executed_from_files():
         pickle_uses = set(re.findall(r"\bpickle\.\w+|\bpickle\b(?= import)", text))
         if path.name == "safe_dcp.py":
             assert pickle_uses == {"pickle.Unpickler", "pickle.UnpicklingError"} and "def find_class" in text, path
-            assert re.search(r"dcp\.load\(state, storage_reader=CheckedMetadataReader\(.*\n.*planner=WeightsOnlyLoadPlanner",
-                             text), path
+            assert re.search(r"dcp\.load\(state, storage_reader=CheckedMetadataReader\(.*\n"
+                             r".*planner=WeightsOnlyLoadPlanner", text), path
         else:
             assert "import pickle" not in text and not pickle_uses, path
             assert not re.search(r"\bdcp\.load\(|FileSystemReader", text), path
