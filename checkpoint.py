@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from errors import CheckpointError, TrainingStopped
 from parallel import on_rank0
+import safe_dcp
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -231,7 +232,9 @@ def load_checkpoint(path, model, optimizer) -> dict:
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     try:
-        dcp.load(state, checkpoint_id=path)
+        safe_dcp.load(state, path)  # dcp.load, unpickling nothing but plain data
+    except CheckpointError:  # a crafted file, refused by name
+        raise
     except (Exception, CheckpointException) as err:  # name the checkpoint and what to do
         raise RuntimeError(f"{path}: could not load this checkpoint ({failure_text(err)}). "
                            "Was it written with another model size or config? Delete it to start over, "

@@ -43,9 +43,18 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False  # also by (layer index + 1), a HF option
 
     def __post_init__(self):
+        sizes = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions") + (("n_inner",) if self.n_inner else ())
+        for name in sizes:
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not a positive integer")
+        if type(self.layer_norm_epsilon) not in (int, float) or not self.layer_norm_epsilon > 0:
+            raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} is not a positive number")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not true or false")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             raise ValueError(f"activation_function={self.activation_function!r} is not supported; "
                              f"use one of {sorted(ACTIVATIONS)}")
 
@@ -59,6 +68,8 @@ class GPTConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "GPTConfig":
         """Read a transformers GPT2Config dict; refuse what this model does not implement."""
+        if not isinstance(hf, dict):
+            raise WeightsError(f"{source}: holds a JSON {type(hf).__name__}, not an object of GPT-2 config keys")
         if hf.get("model_type", "gpt2") != "gpt2":
             raise WeightsError(f"{source}: model_type={hf.get('model_type')!r}, expected 'gpt2'")
         if hf.get("add_cross_attention", False):
@@ -408,27 +419,75 @@ def read_hf_config(path: str) -> GPTConfig:
     try:
         with open(config_path) as f:
             hf = json.load(f)
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{config_path}: not valid JSON ({err})") from err
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a file that is not text
+        raise WeightsError(f"{config_path}: not valid JSON ({type(err).__name__}: {err})") from err
     return GPTConfig.from_hf_dict(hf, source=config_path)
 
 
-def weight_files(path: str) -> list[str]:
+def weight_files(path: str) -> dict[str, list[str] | None]:
+    """The safetensors files of a checkpoint directory, each with the tensor names to read from it:
+    None (all of them) for a single model.safetensors; for shards, those the index assigns to each."""
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return [single]
+        return {single: None}
     if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                shard_names = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise WeightsError(f"{index}: not a safetensors index (JSON with a weight_map): "
-                                   f"{type(err).__name__}: {err}") from err
-        return [os.path.join(path, name) for name in shard_names]
+        return read_shard_index(index, path)
     found = sorted(os.listdir(path))
     raise WeightsError(f"{path}: no model.safetensors or model.safetensors.index.json (found {found}); "
                             "only safetensors weights are loaded (pytorch_model.bin would need unpickling)")
+
+
+def read_shard_index(index: str, path: str) -> dict[str, list[str]]:
+    """model.safetensors.index.json -> {shard file: the tensor names its weight_map assigns to it}.
+
+    A shard must be a plain file name in path: "../x" or "/x" would read a file the index has no
+    business naming. (Checked as written, not resolved: the hub's cache links each file in a snapshot
+    to a blob outside it.)
+    """
+    try:
+        with open(index) as f:
+            contents = json.load(f)
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for a file that is not text
+        raise WeightsError(f"{index}: not valid JSON ({type(err).__name__}: {err})") from err
+    weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f'{index}: not a safetensors index: expected a JSON object whose "weight_map" maps each '
+                           "tensor name to the shard file holding it")
+    shards = {}
+    for tensor_name, shard_name in weight_map.items():
+        if not isinstance(shard_name, str):
+            raise WeightsError(f"{index}: weight_map[{tensor_name!r}] is {shard_name!r}, not a shard file name")
+        if os.path.basename(shard_name) != shard_name or shard_name in ("", ".", ".."):
+            raise WeightsError(f"{index}: weight_map[{tensor_name!r}] is {shard_name!r}, not a file name in {path} "
+                               "(a shard outside the model directory is refused)")
+        shards.setdefault(os.path.join(path, shard_name), []).append(tensor_name)
+    return shards
+
+
+def open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error type for truncated/corrupt files
+        raise WeightsError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}); "
+                           "it may be truncated or corrupt: download it again") from err
+
+
+def keys_to_read(file: str, present: list[str], assigned: list[str] | None, assigned_file: dict) -> list[str]:
+    """Every key of a single file; of a shard, the keys the index assigns to it. A shard must hold
+    exactly those: a tensor it also holds that the index assigns elsewhere could override the right one."""
+    if assigned is None:
+        return present
+    lacking = sorted(set(assigned) - set(present))
+    if lacking:
+        more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+        raise WeightsError(f"{file}: lacks {lacking[0]}{more}, which model.safetensors.index.json assigns to it")
+    for key in sorted(set(present) - set(assigned)):
+        if key in assigned_file:
+            raise WeightsError(f"{key} is in two shards, {assigned_file[key]} and {file}; "
+                               f"model.safetensors.index.json assigns it to {assigned_file[key]}: refusing to guess")
+        raise WeightsError(f"{file}: holds {key}, which model.safetensors.index.json does not list")
+    return assigned
 
 
 def hf_key_to_ours(key: str) -> str | None:
@@ -442,26 +501,26 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
     """Read a checkpoint's tensors into our layout, one tensor at a time, cast to dtype on device.
 
     Peak memory is one copy of the model in `dtype` plus one tensor: safetensors maps the file and
-    each tensor is converted as it is read. Missing, unexpected and mis-shaped keys are reported
-    together in one error.
+    each tensor is converted as it is read. Each tensor comes from the shard the index assigns it to
+    (keys_to_read). Missing, unexpected and mis-shaped keys are reported together in one error.
     """
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
-    state_dict, unexpected, wrong_shape, files = {}, [], [], weight_files(path)
-    for file in files:
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as err:  # safetensors raises its own error type for truncated/corrupt files
-            raise WeightsError(f"{file}: not a readable safetensors file ({type(err).__name__}: {err}); "
-                             "it may be truncated or corrupt: download it again") from err
-        with handle:
-            for key in handle.keys():
+    state_dict, read_from, unexpected, wrong_shape, files = {}, {}, [], [], weight_files(path)
+    assigned_file = {key: file for file, keys in files.items() for key in keys or ()}
+    for file, assigned in files.items():
+        with open_safetensors(file) as handle:
+            for key in keys_to_read(file, list(handle.keys()), assigned, assigned_file):
                 name = hf_key_to_ours(key)
                 if name is None:
                     continue
                 if name not in expected:
                     unexpected.append(key)
                     continue
+                if name in read_from:  # e.g. "h.0.ln_1.weight" and "transformer.h.0.ln_1.weight"
+                    raise WeightsError(f"{file}: {key} and {read_from[name]} are both {name}: refusing to guess "
+                                       "which to load")
+                read_from[name] = f"{key} in {file}"
                 tensor = handle.get_tensor(key)
                 if name.endswith(CONV1D_SUFFIXES):
                     tensor = tensor.t()

@@ -1,7 +1,11 @@
-"""Faults injected for real — SIGKILL mid-run and mid-save, flipped and truncated bytes, a poisoned
-batch, an unwritable run directory, bad data — and what must survive them."""
+"""Faults injected for real — SIGKILL mid-run and mid-save, flipped and truncated bytes, crafted
+pickles, a poisoned batch, an unwritable run directory, bad data — and what must survive them."""
+import dataclasses
+import hashlib
+import io
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -126,11 +130,19 @@ def test_kill_during_save_keeps_previous_checkpoint_and_resumes_from_it(uninterr
     assert_bitwise_equal(tmp_path, uninterrupted)
 
 
-@pytest.fixture
-def run_with_checkpoints(tmp_path):
-    result = run_here(tmp_path, "--max_steps=4", "--ckpt_every=2", "--sharding=none")
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("finished_run")
+    result = run_here(out_dir, "--max_steps=4", "--ckpt_every=2", "--sharding=none")
     assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path
+    return out_dir
+
+
+@pytest.fixture
+def run_with_checkpoints(finished_run, tmp_path):
+    """A copy of a finished 4-step run (checkpoints at steps 2 and 4), for one test to damage."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    return tmp_path / "run"
 
 
 def snapshot(directory):
@@ -164,6 +176,74 @@ def test_checkpoint_of_another_model_size_is_refused(run_with_checkpoints):
     assert "step_000004: checkpoint does not match this run's config: n_embd: checkpoint 32 vs this run 48" \
         in result.stderr
     assert snapshot(run_with_checkpoints) == before
+
+
+# ----------------------------------------------------------------------------- crafted checkpoints
+
+class CreatesMarker:
+    """Unpickled by plain pickle, this opens (creates) `marker`: the command a crafted file would run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture
+def crafted(run_with_checkpoints, tmp_path):
+    """A run to craft, its last checkpoint, that checkpoint's metadata (read with plain pickle: our own
+    file) and the path of a marker file."""
+    checkpoint_dir = run_with_checkpoints / "checkpoints" / "step_000004"
+    with open(checkpoint_dir / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    return run_with_checkpoints, checkpoint_dir, metadata, tmp_path / "MARKER"
+
+
+def write_crafted(checkpoint_dir, metadata):
+    """Write metadata, then recompute every size and sha256 in train_state.json, as anyone can."""
+    (checkpoint_dir / ".metadata").write_bytes(pickle.dumps(metadata))
+    state = json.loads((checkpoint_dir / "train_state.json").read_text())
+    state["files"] = {name: [(checkpoint_dir / name).stat().st_size,
+                             hashlib.sha256((checkpoint_dir / name).read_bytes()).hexdigest()]
+                      for name in state["files"]}
+    (checkpoint_dir / "train_state.json").write_text(json.dumps(state))
+
+
+def test_crafted_checkpoint_metadata_runs_nothing(crafted):
+    out_dir, checkpoint_dir, metadata, marker = crafted
+    metadata.planner_data["extra"] = CreatesMarker(marker)  # a checkpoint that loads, plus one object
+    write_crafted(checkpoint_dir, metadata)
+    before = snapshot(out_dir)
+    result = run_here(out_dir, "--max_steps=6", "--ckpt_every=2", "--sharding=none")
+    assert result.returncode == 2
+    assert f"{checkpoint_dir / '.metadata'}: refused to unpickle io.open" in result.stderr
+    assert not marker.exists() and snapshot(out_dir) == before
+    pickle.loads((checkpoint_dir / ".metadata").read_bytes())  # the reference: plain pickle runs it
+    assert marker.exists()
+
+
+def test_crafted_optimizer_value_in_a_shard_runs_nothing(crafted):
+    """DCP stores non-tensor values (the optimizer's lr, betas...) as pickles in the .distcp shard and
+    reads them with torch.load(weights_only=False): point one at a crafted pickle appended to the shard."""
+    out_dir, checkpoint_dir, metadata, marker = crafted
+    index = next(i for i in metadata.storage_data if i.fqn == "optim.param_groups.0.lr")
+    shard = checkpoint_dir / metadata.storage_data[index].relative_path
+    payload = io.BytesIO()
+    torch.save(CreatesMarker(marker), payload)
+    metadata.storage_data[index] = dataclasses.replace(metadata.storage_data[index], offset=shard.stat().st_size,
+                                                       length=len(payload.getvalue()))
+    with open(shard, "ab") as f:
+        f.write(payload.getvalue())
+    write_crafted(checkpoint_dir, metadata)
+    before = snapshot(out_dir)
+    result = run_here(out_dir, "--max_steps=6", "--ckpt_every=2", "--sharding=none")
+    assert result.returncode == 2
+    assert f"{shard}: refused to unpickle the entry optim.param_groups.0.lr: it asks for io.open" in result.stderr
+    assert not marker.exists() and snapshot(out_dir) == before
+    payload.seek(0)
+    torch.load(payload, weights_only=False)  # the reference: DCP's own reading runs it
+    assert marker.exists()
 
 
 def test_truncated_weight_file_is_named(tmp_path):
@@ -266,14 +346,23 @@ def test_bad_data_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_nothing_is_unpickled_or_executed_from_files():
-    """Weights are safetensors, configs yaml.safe_load, torch.load only with weights_only=True."""
+    """Weights are safetensors, configs yaml.safe_load, torch.load only with weights_only=True. The one
+    unpickler is safe_dcp's, which resolves only an allow-list of globals, and every DCP load goes
+    through it (the crafted-checkpoint tests above show it refusing)."""
     sources = [p for p in ROOT.rglob("*.py") if "tests" not in p.parts]
     assert len(sources) >= 8
     for path in sources:
         text = path.read_text()
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
-        assert "import pickle" not in text and "pickle.load" not in text, path
+        pickle_uses = set(re.findall(r"\bpickle\.\w+|\bpickle\b(?= import)", text))
+        if path.name == "safe_dcp.py":
+            assert pickle_uses == {"pickle.Unpickler", "pickle.UnpicklingError"} and "def find_class" in text, path
+            assert re.search(r"dcp\.load\(state, storage_reader=CheckedMetadataReader\(.*\n"
+                             r".*planner=WeightsOnlyLoadPlanner", text), path
+        else:
+            assert "import pickle" not in text and not pickle_uses, path
+            assert not re.search(r"\bdcp\.load\(|FileSystemReader", text), path
         assert "yaml.load(" not in text and "yaml.unsafe_load" not in text, path
         assert "trust_remote_code" not in text, path
 

@@ -230,6 +230,108 @@ def test_unsupported_config_is_refused(tmp_path, small_pair):
         GPT.from_pretrained(str(tmp_path / "nowhere"))
 
 
+# ----------------------------------------------------------------------------- sharded and malformed files
+
+@pytest.fixture
+def tiny_tensors(tmp_path):
+    """A tiny model saved as one model.safetensors (the reference) and its tensors in the file's layout."""
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16, vocab_size=64)).init_weights(seed=0).save_pretrained(
+        tmp_path / "single")
+    with safe_open(tmp_path / "single" / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def write_shards(directory, source, shards: dict, weight_map: dict):
+    """config.json from source, each {file name: tensors} as a shard, and a hand-written index."""
+    directory.mkdir()
+    (directory / "config.json").write_bytes((source / "config.json").read_bytes())
+    for name, tensors in shards.items():
+        save_file(tensors, directory / name, metadata={"format": "pt"})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return str(directory)
+
+
+def split_in_two(tensors):
+    keys = sorted(tensors)
+    first, second = keys[: len(keys) // 2], keys[len(keys) // 2:]
+    shards = {"model-00001-of-00002.safetensors": {k: tensors[k] for k in first},
+              "model-00002-of-00002.safetensors": {k: tensors[k] for k in second}}
+    return shards, {k: name for name, part in shards.items() for k in part}
+
+
+def test_each_tensor_is_read_from_the_shard_the_index_assigns_it_to(tmp_path, tiny_tensors):
+    shards, weight_map = split_in_two(tiny_tensors)
+    reference = GPT.from_pretrained(str(tmp_path / "single")).state_dict()
+    loaded = GPT.from_pretrained(write_shards(tmp_path / "sharded", tmp_path / "single", shards, weight_map))
+    assert all(torch.equal(value, reference[key]) for key, value in loaded.state_dict().items())
+    # a copy of a tensor in the shard it is not assigned to, with other values, would override the right one
+    (assigned_file, _), (other_file, _) = shards.items()
+    key = next(iter(shards[assigned_file]))
+    shards[other_file][key] = torch.zeros_like(tiny_tensors[key])
+    directory = write_shards(tmp_path / "overridden", tmp_path / "single", shards, weight_map)
+    with pytest.raises(WeightsError) as err:
+        GPT.from_pretrained(directory)
+    right, wrong = f"{directory}/{assigned_file}", f"{directory}/{other_file}"
+    assert str(err.value) == (f"{key} is in two shards, {right} and {wrong}; "
+                              f"model.safetensors.index.json assigns it to {right}: refusing to guess")
+
+
+def test_a_shard_must_hold_exactly_the_tensors_the_index_assigns_it(tmp_path, tiny_tensors):
+    shards, weight_map = split_in_two(tiny_tensors)
+    (name, part), _ = shards.items()
+    key = sorted(part)[0]
+    del part[key]
+    directory = write_shards(tmp_path / "lacking", tmp_path / "single", shards, weight_map)
+    with pytest.raises(WeightsError, match=f"^{directory}/{name}: lacks {key}, which model.safetensors.index.json"):
+        GPT.from_pretrained(directory)
+    part[key] = tiny_tensors[key]
+    del weight_map[key]  # in the shard, but the index does not say so
+    directory = write_shards(tmp_path / "unlisted", tmp_path / "single", shards, weight_map)
+    with pytest.raises(WeightsError, match=f"^{directory}/{name}: holds {key}, which model.safetensors.index.json does "
+                                           "not list"):
+        GPT.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("where", ["../outside.safetensors", "absolute"])
+def test_shard_names_outside_the_model_directory_are_refused(tmp_path, tiny_tensors, where):
+    """The file outside holds exactly the right tensors: it would load without a word if it were read."""
+    outside = tmp_path / "outside.safetensors"
+    save_file(tiny_tensors, outside, metadata={"format": "pt"})
+    shard_name = str(outside) if where == "absolute" else where
+    directory = write_shards(tmp_path / "sharded", tmp_path / "single", {}, {k: shard_name for k in tiny_tensors})
+    assert os.path.isfile(os.path.join(directory, shard_name))  # joined, the name does reach the file
+    with pytest.raises(WeightsError) as err:
+        GPT.from_pretrained(directory)
+    assert str(err.value).startswith(f"{directory}/model.safetensors.index.json: weight_map[")
+    assert f"is {shard_name!r}, not a file name in {directory} (a shard outside the model directory is refused)" \
+        in str(err.value)
+
+
+@pytest.mark.parametrize("file, contents, message", [
+    ("config.json", {"n_head": 0}, "n_head=0 is not a positive integer"),
+    ("config.json", {"n_embd": "32"}, "n_embd='32' is not a positive integer"),
+    ("config.json", [{"n_layer": 1}], "holds a JSON list, not an object of GPT-2 config keys"),
+    ("config.json", "{not json", "not valid JSON (JSONDecodeError"),
+    ("model.safetensors.index.json", {"metadata": {}},
+     'not a safetensors index: expected a JSON object whose "weight_map"'),
+    ("model.safetensors.index.json", {"weight_map": {"transformer.wte.weight": 1}},
+     "weight_map['transformer.wte.weight'] is 1, not a shard file name"),
+    ("model.safetensors.index.json", {"weight_map": {"transformer.wte.weight": ["a.safetensors"]}},
+     "weight_map['transformer.wte.weight'] is ['a.safetensors'], not a shard file name"),
+    ("model.safetensors.index.json", '{"weight_map": {', "not valid JSON (JSONDecodeError"),
+])
+def test_bad_config_or_index_is_one_line_naming_the_file(tmp_path, tiny_tensors, file, contents, message):
+    shards, weight_map = split_in_two(tiny_tensors)
+    directory = tmp_path / "sharded"
+    write_shards(directory, tmp_path / "single", shards, weight_map)
+    if file == "config.json" and isinstance(contents, dict):  # one key changed in a real config
+        contents = dict(json.loads((directory / file).read_text()), **contents)
+    (directory / file).write_text(contents if isinstance(contents, str) else json.dumps(contents))
+    with pytest.raises(WeightsError) as err:
+        GPT.from_pretrained(str(directory))
+    assert str(err.value).startswith(f"{directory / file}: {message}") and "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------- generation
 
 def test_greedy_with_cache_equals_without_and_equals_transformers(small_pair):
