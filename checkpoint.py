@@ -27,11 +27,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+import safe_dcp
 from errors import CheckpointError, TrainingStopped
 from parallel import on_rank0
-import safe_dcp
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+TIED_HEAD, TIED_WITH = "lm_head.weight", "transformer.wte.weight"  # one parameter under two names
 
 
 def checkpoint_root(out_dir):
@@ -114,6 +115,7 @@ def save_checkpoint(out_dir, step, model, optimizer, train_state: dict, keep: in
     final, tmp = step_dirs(out_dir, step)
     on_rank0(make_empty_dir, device, f"create {tmp}", tmp)
     model_state, optim_state = get_state_dict(model, optimizer)
+    model_state.pop(TIED_HEAD, None)  # the same tensor as wte: stored once (it was 0.3 GiB more at gpt2-xl)
     try:
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)  # ends with a barrier
     except (Exception, CheckpointException) as err:  # DCP gathers every rank's write errors (disk full...)
@@ -230,6 +232,7 @@ def load_checkpoint(path, model, optimizer) -> dict:
     with open(os.path.join(path, "train_state.json")) as f:
         train_state = json.load(f)
     model_state, optim_state = get_state_dict(model, optimizer)
+    model_state.pop(TIED_HEAD, None)  # stored once, as wte
     state = {"model": model_state, "optim": optim_state}
     try:
         safe_dcp.load(state, path)  # dcp.load, unpickling nothing but plain data
@@ -239,6 +242,7 @@ def load_checkpoint(path, model, optimizer) -> dict:
         raise RuntimeError(f"{path}: could not load this checkpoint ({failure_text(err)}). "
                            "Was it written with another model size or config? Delete it to start over, "
                            "or point out_dir elsewhere.") from err
+    state["model"][TIED_HEAD] = state["model"][TIED_WITH]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return train_state
 

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -143,6 +144,16 @@ def run_with_checkpoints(finished_run, tmp_path):
     """A copy of a finished 4-step run (checkpoints at steps 2 and 4), for one test to damage."""
     shutil.copytree(finished_run, tmp_path / "run")
     return tmp_path / "run"
+
+
+def test_a_checkpoint_is_12_bytes_per_parameter(finished_run):
+    """fp32 weights and AdamW's two moments, each parameter once: the tied LM head is wte, not a
+    second copy (at gpt2-xl that copy was 0.3 GiB of every checkpoint)."""
+    from safetensors import safe_open
+    with safe_open(str(finished_run / "final" / "model.safetensors"), "pt") as f:  # transformers' layout, head omitted
+        n_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    shards = sum(p.stat().st_size for p in (finished_run / "checkpoints" / "step_000004").glob("*.distcp"))
+    assert 12 * n_params <= shards <= 12 * n_params * 1.01 + 65536, (shards, 12 * n_params)
 
 
 def snapshot(directory):
