@@ -141,6 +141,16 @@ class KVCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
+def avoid_cudnn_attention():
+    """Switch off SDPA's cuDNN backend (a process-wide flag; flash, memory-efficient and math stay).
+    On H100/H200 (sm90) with torch >= 2.5, SDPA ranks cuDNN attention first, and its backward gives
+    NaN query gradients when a mask is passed, the key length is 64 mod 128 and some row's logsumexp
+    is below about -88.7 (pytorch/pytorch issue 196678, open; it caused NaN DPO runs in
+    huggingface/trl issue 7181): exactly the packed prefix-sharing call. Without it, SDPA picks
+    flash for the causal call and the memory-efficient kernel for masked ones."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -159,7 +169,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H, S, D), S = cached + T
-        # No mask means plain causal attention, which lets SDPA pick its flash kernel.
+        # No mask: plain causal attention, SDPA's flash kernel on CUDA; a mask (prefix sharing, padding):
+        # the memory-efficient kernel, cuDNN's being switched off (avoid_cudnn_attention).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -204,6 +215,7 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        avoid_cudnn_attention()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

@@ -99,3 +99,12 @@ def test_fsdp_memory_two_ranks_hold_half_the_training_state(tmp_path):
         for key, copies in (("param_bytes", 1), ("grad_bytes", 1), ("optimizer_bytes", 2),
                             ("reference_param_bytes", 1)):
             assert abs(rank[key] - copies * unsharded / 2) <= 0.01 * unsharded, (key, rank[key], unsharded)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
+    result = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "results")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "gpu_check: needs CUDA" in result.stderr and "nothing was run" in result.stderr
+    assert not (tmp_path / "results").exists()

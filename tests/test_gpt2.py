@@ -394,3 +394,11 @@ def test_scored_logits_of_a_bf16_model_are_computed_in_fp32():
     assert logits.dtype == torch.float32 and expected.abs().max() > 16
     assert (logits.double() - expected).abs().max() < 1e-3 * expected.abs().max()
     assert (expected.to(torch.bfloat16).double() - expected).abs().max() > 0.05  # what rounding would have cost
+
+
+def test_building_a_model_switches_off_cudnn_attention():
+    """The flag SDPA reads on CUDA (readable on CPU builds too): cuDNN attention's backward gives
+    NaN gradients on the packed prefix-sharing call on H100/H200 (pytorch issue 196678)."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16))
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
