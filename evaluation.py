@@ -89,18 +89,49 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
                               reference_free=reference_logps is None, average=logps_average(cfg))
     if cfg.objective == "sft":  # the preference loss above is not what SFT trains: don't log it as "loss"
         metrics.pop("loss", None)
-    if reference is not None and cfg.kl_samples > 0 and eval_pairs:
-        # KL(policy || reference) = E_{y ~ policy}[log policy(y|x) - log reference(y|x)]: one sample
-        # per held-out prompt, drawn from the policy itself (temperature 1), max_new_tokens long.
-        prompts = distinct_prompts(eval_pairs, cfg.kl_samples)
-        tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step,
-                                                       temperature=1.0)
+    if cfg.kl_samples > 0 and eval_pairs and (reference is not None or cfg.reward):
+        metrics |= sampled_metrics(policy, reference, distinct_prompts(eval_pairs, cfg.kl_samples), cfg, device, step)
+    policy.train()
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def sampled_metrics(policy, reference, prompts, cfg, device, step):
+    """The paper's two axes (DPO Fig. 2), from one sample per held-out prompt drawn from the policy
+    itself (temperature 1, max_new_tokens long): kl, the sequence-level KL(policy || reference) =
+    E_{y ~ policy}[log policy(y|x) - log reference(y|x)] (needs a live reference), and reward, the
+    mean ground-truth reward of the same samples (with cfg.reward)."""
+    tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step, temperature=1.0)
+    metrics = {}
+    if reference is not None:
         start = tokens.size(1) - cfg.max_new_tokens  # every prompt ends at column start - 1 (left-padded)
         log_ratio = (span_logps(policy, tokens, start, attention_mask, response_mask)
                      - span_logps(reference, tokens, start, attention_mask, response_mask))
         metrics["kl"] = log_ratio.mean()
-    policy.train()
-    return {f"eval/{k}": v for k, v in metrics.items()}
+    if cfg.reward:
+        rewards = reward_of(cfg, prompts, continuations_of(tokens, response_mask), device)
+        metrics["reward"] = torch.tensor(sum(rewards) / len(rewards), device=device)
+    return metrics
+
+
+def continuations_of(tokens, response_mask):
+    """Sampled continuations as text, each cut at its first <|endoftext|>."""
+    return [decode(row[m].tolist()).split("<|endoftext|>")[0] for row, m in zip(tokens.cpu(), response_mask.cpu())]
+
+
+_reward_models = {}  # spec -> loaded reward model (rank 0 holds them; loading a classifier takes seconds)
+
+
+def reward_of(cfg, prompts, continuations, device) -> list[float]:
+    """Collective: the ground-truth reward (cfg.reward) of each continuation, scored on rank 0."""
+    return on_rank0(_score, device, f"score samples with reward={cfg.reward}", cfg.reward,
+                    [decode(p) for p in prompts], continuations, str(device))
+
+
+def _score(spec, prompts, continuations, device):
+    from reward import load_reward  # transformers or vaderSentiment: optional extras, loaded on first use
+    if spec not in _reward_models:
+        _reward_models[spec] = load_reward(spec, device=device)
+    return [float(score) for score in _reward_models[spec].score(prompts, continuations)]
 
 
 def distinct_prompts(pairs, n):
@@ -114,10 +145,12 @@ def distinct_prompts(pairs, n):
 
 
 def sample_texts(model, prompts, cfg, device):
+    """(continuations, their rewards or None): the before/after table's samples at cfg.temperature."""
     model.eval()
     tokens, _, response_mask = sample(model, prompts, cfg, device, seed=cfg.seed, temperature=cfg.temperature)
     model.train()
-    return [decode(row[m].tolist()).split("<|endoftext|>")[0] for row, m in zip(tokens.cpu(), response_mask.cpu())]
+    texts = continuations_of(tokens, response_mask)
+    return texts, (reward_of(cfg, prompts, texts, device) if cfg.reward else None)
 
 
 # ----------------------------------------------------------------------------- the reference's log-probs, once

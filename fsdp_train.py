@@ -1,7 +1,7 @@
 """DPO (and SFT) training of GPT-2 with FSDP2.
 
     python fsdp_train.py --config_file config/demo.yaml                      # one process
-    torchrun --nproc_per_node 8 fsdp_train.py --config_file config/gpt2_xl_hf.yaml
+    torchrun --nproc_per_node 8 fsdp_train.py --config_file config/gpt2_xl_hf.yaml --micro_batch_size=8
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_endpoint HOST:29500 fsdp_train.py ...
 
 Read top to bottom: data, the training step, one step's micro-batches, metrics and log lines,
@@ -10,6 +10,7 @@ boundary. The distributed set-up and the models are parallel.py's; the run direc
 run_dir.py's; evaluation, samples and the precomputed reference evaluation.py's.
 Launching the same command again on an out_dir with a complete checkpoint resumes from it.
 """
+import dataclasses
 import json
 import os
 import resource
@@ -24,19 +25,20 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import checkpoint
-from data.batches import (PackedBatch, PairBatch, check_batch_sizes, collate, data_fingerprint, epoch_order,
+from data.batches import (Pair, PackedBatch, PairBatch, check_batch_sizes, collate, data_fingerprint, epoch_order,
                           grouped_epoch_order, pairs_of, rank_slice, split_groups, truncate_groups)
 from data.formats import load_preferences
 from dpo import concatenated_logps, dpo_loss, sft_loss
 from errors import ConfigError, Preempted, TrainingStopped
 from evaluation import evaluate, precompute_reference_logps, sample_texts
+from export import training_command, write_export
 from gpt2 import write_hf_checkpoint
-from optim import lr_at
-from parallel import (BAD_INPUT, build_training_state, check_model_fits, needs_reference_model, on_rank0,
+from optim import lr_at, make_optimizer
+from parallel import (BAD_INPUT, TrainingState, build_training_state, check_model_fits, on_rank0,
                       reference_precision_name, setup_distributed)
 from preemption import StopRequests
-from run_dir import (MetricsLog, check_shared_out_dir, check_writable, keep_metrics_until, lock_run_dir, unlock_run_dirs, write_config,
-                     write_samples_before, write_samples_table)
+from run_dir import (MetricsLog, check_shared_out_dir, check_writable, keep_metrics_until, lock_run_dir, unlock_run_dirs,
+                     write_atomic, write_config, write_samples_before, write_samples_table)
 from train_config import TrainConfig, data_options, logps_average, parse_args, shares_prompt
 
 # Keys that fix a run's trajectory: a checkpoint is only resumed by a run that agrees on all of them,
@@ -46,7 +48,7 @@ from train_config import TrainConfig, data_options, logps_average, parse_args, s
 RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
                      "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "seed",
-                     "precision", "reference_precision", "group_order")
+                     "precision", "reference_precision", "group_order", "sft_on")
 
 
 # ----------------------------------------------------------------------------- data
@@ -58,6 +60,8 @@ def load_data(cfg: TrainConfig):
     groups, counts["dropped_by_truncation"] = truncate_groups(groups, cfg.max_prompt_len, cfg.max_len)
     train_groups, eval_groups = split_groups(groups, cfg.eval_fraction, cfg.seed)
     train_pairs, eval_pairs = pairs_of(train_groups), pairs_of(eval_groups)
+    if cfg.objective == "sft" and cfg.sft_on == "all":
+        train_pairs = sft_pairs(train_pairs)
     counts |= {"train_prompts": len(train_groups), "eval_prompts": len(eval_groups),
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
     if len(train_pairs) < cfg.batch_size:
@@ -284,6 +288,59 @@ def stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signu
                             "same command to resume from it.")
 
 
+# ----------------------------------------------------------------------------- the SFT warm start
+
+def warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, log) -> TrainingState:
+    """The paper's first stage in the same run (sft_steps): SFT of the starting weights on every
+    response of the training pairs, preferred or not (the data's language, no preference), exported
+    to out_dir/sft/; DPO then starts from it, and it is DPO's frozen reference. A relaunch reuses
+    out_dir/sft/ when its sft.json matches, so a resumed DPO run keeps the same reference; an SFT
+    stage cut short is redone from the start (it has no checkpoints of its own)."""
+    sft_dir = os.path.join(cfg.out_dir, "sft")
+    recipe = {"from_weights_sha256": state.weights_sha256, "data_sha256": data_sha256, "sft_steps": cfg.sft_steps,
+              "sft_lr": cfg.sft_lr or cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
+    if on_rank0(sft_recipe_of, device, f"read {sft_dir}/sft.json", sft_dir) != recipe:
+        sft_cfg = dataclasses.replace(cfg, objective="sft", lr=cfg.sft_lr or cfg.lr)
+        responses = sft_pairs(train_pairs)
+        optimizer = make_optimizer(state.policy, sft_cfg)
+        for step in range(cfg.sft_steps):
+            step_input = assemble_step(step, responses, sft_cfg, rank, world, device)
+            metrics, grad_norm, _ = train_step(state.policy, None, optimizer, step_input.micro_batches, sft_cfg,
+                                               lr_at(step, cfg.sft_steps, sft_cfg), state.scaler)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.sft_steps:
+                values, _ = reduce_across_ranks(metrics, grad_norm, 0, world, device)
+                log(f"sft step {step + 1}/{cfg.sft_steps} | loss {values['loss']:.4f} | norm {values['grad_norm']:.2f}")
+        full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        on_rank0(write_sft_model, device, f"write {sft_dir}", state.config, full, sft_dir, recipe)
+    log(f"SFT warm start: {sft_dir} is DPO's starting point and reference")
+    return build_training_state(dataclasses.replace(cfg, init_from=sft_dir), rank, device, mesh)
+
+
+def sft_pairs(train_pairs):
+    """Each distinct (prompt, response) of the training pairs once, as a Pair whose "chosen" is the
+    response (SFT reads only the chosen rows)."""
+    seen, pairs = set(), []
+    for pair in train_pairs:
+        for index, response in ((pair.chosen_index, pair.chosen), (pair.rejected_index, pair.rejected)):
+            if (pair.group_index, index) not in seen:
+                seen.add((pair.group_index, index))
+                pairs.append(Pair(pair.prompt, response, response, pair.group_index, index, index))
+    return pairs
+
+
+def sft_recipe_of(sft_dir):
+    path = os.path.join(sft_dir, "sft.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_sft_model(config, state_dict, sft_dir, recipe):
+    write_hf_checkpoint(config, state_dict, sft_dir)
+    write_atomic(os.path.join(sft_dir, "sft.json"), json.dumps(recipe))  # last: the model is complete
+
+
 # ----------------------------------------------------------------------------- samples
 
 def sample_prompts_of(eval_pairs, cfg):
@@ -311,6 +368,8 @@ def main(argv=None, stop_requests=None):
     log(f"data: {json.dumps(counts)}")
 
     state = build_training_state(cfg, rank, device, mesh)
+    if cfg.sft_steps and cfg.objective == "dpo":
+        state = warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, log)
     log(f"model: {state.policy.num_params() / 1e6:.1f}M parameters, {world} rank(s), sharding={cfg.sharding}, "
         f"precision={cfg.precision}, device={device.type}"
         + (f", reference in {reference_precision_name(cfg)}"
@@ -325,15 +384,15 @@ def main(argv=None, stop_requests=None):
     metrics_log = MetricsLog(cfg, device)  # W&B starts once the run directory is this run's
 
     reference_logps = reference_eval_logps = None
-    if cfg.precompute_reference and needs_reference_model(cfg):
+    if cfg.precompute_reference and cfg.objective == "dpo" and not cfg.reference_free:
         log("precomputing reference log-probs")
         reference_logps, reference_eval_logps = precompute_reference_logps(
             state.reference, train_pairs, eval_pairs, cfg, rank, world, device, identity)
         state.reference = None  # freed: the reference model is not held during training
     sample_prompts = sample_prompts_of(eval_pairs, cfg)
     if sample_prompts and step == 0:  # the policy still equals the reference here
-        before = sample_texts(state.policy, sample_prompts, cfg, device)
-        on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before)
+        before, before_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
+        on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before, before_rewards)
     if step == 0 and eval_pairs:  # the starting point of the eval curves (rewards are all 0 here)
         line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
                                                  cfg, rank, world, device, step))
@@ -373,19 +432,22 @@ def main(argv=None, stop_requests=None):
     log(format_log_line("final eval", line))
     save(cfg, state, step, steps_per_epoch, identity, device)
     if sample_prompts:
-        after = sample_texts(state.policy, sample_prompts, cfg, device)
-        on_rank0(write_samples_table, device, "write samples.md", cfg, sample_prompts, after, log)
-    export(cfg, state, device, log)
+        after, after_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
+        on_rank0(write_samples_table, device, "write samples.md", cfg, sample_prompts, after, log, after_rewards)
+    export(cfg, state, device, log, line, counts, sys.argv[1:] if argv is None else argv)
     metrics_log.close()
     dist.barrier()
 
 
-def export(cfg, state, device, log):
-    """Collective: the trained policy as out_dir/final/ in transformers' layout (rank 0 writes)."""
+def export(cfg, state, device, log, final_metrics, counts, argv):
+    """Collective: the trained policy as out_dir/final/, a Hugging Face model folder (weights, config,
+    GPT-2's tokenizer, generation config, model card; export.py), rank 0 writing."""
     final = os.path.join(cfg.out_dir, "final")
     full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    on_rank0(write_hf_checkpoint, device, f"export {final}", state.config, full, final)
-    log(f"exported {final} (transformers layout); metrics in {os.path.join(cfg.out_dir, 'metrics.jsonl')}")
+    on_rank0(write_export, device, f"export {final}", final, state.config, full, cfg, final_metrics, counts,
+             training_command(argv))
+    log(f"exported {final} (a transformers model folder with its tokenizer and model card); metrics in "
+        f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}")
 
 
 def run(argv=None) -> int:

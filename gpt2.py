@@ -9,7 +9,6 @@ huggingface_hub.
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -570,10 +569,13 @@ def write_hf_checkpoint(config: GPTConfig, state_dict: dict, out_dir: str):
         ("model.safetensors", lambda tmp_path: save_file(tensors, tmp_path, metadata={"format": "pt"})),
         ("config.json", write_config),
     ):
-        fd, tmp_path = tempfile.mkstemp(dir=out_dir, prefix=f".{filename}.", suffix=".tmp")
-        os.close(fd)
+        tmp_path = os.path.join(out_dir, f".{filename}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         try:
+            with open(tmp_path, "xb"):  # created as any file is: 0o666 & ~umask, so 0644 usually
+                pass
+            mode = os.stat(tmp_path).st_mode & 0o777
             write(tmp_path)
+            os.chmod(tmp_path, mode)  # safetensors (0.8) makes its file 0600, which would make it private
             os.replace(tmp_path, os.path.join(out_dir, filename))
         finally:
             if os.path.exists(tmp_path):

@@ -1,5 +1,6 @@
 """Draw the metrics.jsonl of one or more runs as one PNG (needs matplotlib: pip install matplotlib).
 
+    python plot_metrics.py out/demo                        # writes out/demo/metrics.png
     python plot_metrics.py out/demo out/gpt2-sentiment --metrics loss,rewards/accuracies --out curves.png
 """
 import argparse
@@ -7,23 +8,33 @@ import json
 import os
 import sys
 
+from errors import DataError
+
 DEFAULT_METRICS = "loss,rewards/accuracies,rewards/margins,eval/rewards/accuracies,eval/kl"
 
 
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: not found; pass run directories (the out_dir of fsdp_train.py)")
+        raise DataError(f"{path}: not found; pass run directories (the out_dir of fsdp_train.py)")
+    lines = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    lines.append(json.loads(line))
+                except ValueError as err:
+                    raise DataError(f"{path}:line {number}: not a metrics record ({err})") from None
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories holding metrics.jsonl")
     parser.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated names (default {DEFAULT_METRICS})")
-    parser.add_argument("--out", default="metrics.png", help="PNG to write (default metrics.png)")
+    parser.add_argument("--out", default=None, help="PNG to write (default: metrics.png in the first run directory)")
     args = parser.parse_args(argv)
+    out = args.out or os.path.join(args.runs[0], "metrics.png")
     try:
         import matplotlib
         matplotlib.use("Agg")  # files only, no display needed
@@ -31,7 +42,11 @@ def main(argv=None):
     except ImportError:
         sys.exit("error: plot_metrics.py needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     names = [m for m in args.metrics.split(",") if m]
-    runs = {run: read_metrics(run) for run in args.runs}
+    try:
+        runs = {run: read_metrics(run) for run in args.runs}
+    except DataError as err:  # one line, exit 2, as the trainer's bad input
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), squeeze=False, sharex=True)
     for ax, name in zip(axes[:, 0], names):
         for run, lines in runs.items():
@@ -43,8 +58,8 @@ def main(argv=None):
     axes[0, 0].legend(fontsize=8)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
-    fig.savefig(args.out, dpi=110)
-    print(f"wrote {args.out}")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -18,10 +18,15 @@ from parallel import on_rank0
 from train_config import TrainConfig, dump_config
 
 
-def write_atomic(path, text):
+def write_atomic(path, data):
+    """Replace the file at `path` whole with `data` (str or bytes): written beside it, then renamed.
+    The temporary file is created anew, so the result has the usual mode 0o666 & ~umask (0644), never
+    the mode of a leftover from a crash."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
     os.replace(tmp, path)
 
 
@@ -198,26 +203,45 @@ def write_config(cfg: TrainConfig):
 
 # ----------------------------------------------------------------------------- the before/after samples
 
-def samples_table(prompts, before, after):
-    rows = ["| Prompt | Before training (reference) | After training (policy) |", "| --- | --- | --- |"]
+def samples_table(prompts, before, after, before_rewards=None, after_rewards=None):
+    """Markdown: prompt, continuation before and after training, and, with a reward, each one's
+    score and the means."""
     cell = lambda text: text.replace("|", "\\|").replace("\n", "\\n")  # noqa: E731
-    for prompt, b, a in zip(prompts, before, after):
-        rows.append(f"| {cell(prompt)} | {cell(b)} | {cell(a)} |")
+    score = lambda value: "" if value is None else f"{value:.3f}"  # noqa: E731
+    with_reward = before_rewards is not None or after_rewards is not None
+    before_rewards = before_rewards or [None] * len(prompts)
+    after_rewards = after_rewards or [None] * len(prompts)
+    if not with_reward:
+        rows = ["| Prompt | Before training (reference) | After training (policy) |", "| --- | --- | --- |"]
+        rows += [f"| {cell(p)} | {cell(b)} | {cell(a)} |" for p, b, a in zip(prompts, before, after)]
+        return "\n".join(rows) + "\n"
+    rows = ["| Prompt | Before training (reference) | reward | After training (policy) | reward |",
+            "| --- | --- | --- | --- | --- |"]
+    rows += [f"| {cell(p)} | {cell(b)} | {score(rb)} | {cell(a)} | {score(ra)} |"
+             for p, b, rb, a, ra in zip(prompts, before, before_rewards, after, after_rewards)]
+    rows.append(f"| **mean reward** | | {score(mean_of(before_rewards))} | | {score(mean_of(after_rewards))} |")
     return "\n".join(rows) + "\n"
+
+
+def mean_of(values):
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 NOT_SAMPLED = "(not sampled before training: n_samples was smaller at the start)"
 
 
-def write_samples_before(cfg, prompts, before):
-    """samples_before.json maps each prompt's text to its continuation before training, so that the
-    table at the end finds them even if n_samples (and so the prompts) changed on a resume."""
+def write_samples_before(cfg, prompts, before, rewards=None):
+    """samples_before.json maps each prompt's text to its continuation (and reward) before training,
+    so that the table at the end finds them even if n_samples (and so the prompts) changed on a resume."""
     texts = [decode(p) for p in prompts]
-    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"), json.dumps(dict(zip(texts, before))))
+    rewards = rewards or [None] * len(texts)
+    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"),
+                 json.dumps({text: [sample, reward] for text, sample, reward in zip(texts, before, rewards)}))
     write_atomic(os.path.join(cfg.out_dir, "samples.md"), samples_table(texts, before, ["(training)"] * len(before)))
 
 
-def write_samples_table(cfg, prompts, after, log):
+def write_samples_table(cfg, prompts, after, log, after_rewards=None):
     path = os.path.join(cfg.out_dir, "samples_before.json")
     before_by_prompt = {}
     if os.path.exists(path):
@@ -226,6 +250,10 @@ def write_samples_table(cfg, prompts, after, log):
     if not isinstance(before_by_prompt, dict):  # written by an older version: a list, prompts unknown
         before_by_prompt = {}
     texts = [decode(p) for p in prompts]
-    table = samples_table(texts, [before_by_prompt.get(text, NOT_SAMPLED) for text in texts], after)
+    before = [before_by_prompt.get(text, [NOT_SAMPLED, None]) for text in texts]
+    before_texts = [b if isinstance(b, str) else b[0] for b in before]
+    before_rewards = [None if isinstance(b, str) else b[1] for b in before]
+    with_reward = after_rewards is not None or any(r is not None for r in before_rewards)
+    table = samples_table(texts, before_texts, after, before_rewards if with_reward else None, after_rewards)
     write_atomic(os.path.join(cfg.out_dir, "samples.md"), table)
     log("\n" + table)

@@ -12,11 +12,22 @@ from data.tokenizer import decode, encode, EOT_ID
 from gpt2 import GPT
 
 
+def continuations(model, prompts, max_new_tokens, temperature, top_k=None, top_p=None, seed=0, device="cpu"):
+    """The new token ids of each prompt's continuation, up to (not including) <|endoftext|>."""
+    input_ids, mask = (t.to(device) for t in left_pad([encode(p) for p in prompts]))
+    T = input_ids.size(1)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, generator=generator)
+    rows = out[:, T:].tolist()
+    return [row[:row.index(EOT_ID)] if EOT_ID in row else row for row in rows]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2",
                         help="hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, org/name) or a local directory "
-                             "holding config.json + model.safetensors (default: gpt2)")
+                             "holding config.json + model.safetensors, such as a run's out_dir/final (default: gpt2)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit); default main")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt text; repeat for a batch (default: three fixed prompts)")
@@ -31,19 +42,18 @@ def main(argv=None):
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    try:
-        model = GPT.from_pretrained(args.model, dtype=dtype, device=device, revision=args.revision)
-    except (RuntimeError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
     prompts = args.prompt or ["The movie was", "My favourite thing about the city is", "Once upon a time"]
     prompts = [p for p in prompts for _ in range(args.num_samples)]
-    input_ids, mask = (t.to(device) for t in left_pad([encode(p) for p in prompts]))
-    T = input_ids.size(1)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-    for prompt, row in zip(prompts, out[:, T:].tolist()):
-        print(f"--- {prompt!r}\n{prompt}{decode(t for t in row if t != EOT_ID)}\n")
+    try:
+        model = GPT.from_pretrained(args.model, dtype=dtype, device=device, revision=args.revision)
+        rows = continuations(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             args.seed, device)
+    except ValueError as err:  # bad input, one line and exit 2 as in fsdp_train.py: WeightsError (weights, the hub
+        # offline), InputError (a damaged tokenizer file), a prompt longer than the model's positions
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    for prompt, row in zip(prompts, rows):
+        print(f"--- {prompt!r}\n{prompt}{decode(row)}\n")
 
 
 if __name__ == "__main__":

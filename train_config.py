@@ -18,6 +18,7 @@ from data.formats import HUB_FORMATS, KINDS
 from dpo import LOSS_TYPES, check_loss_settings
 from errors import ConfigError
 from gpt2 import GPTConfig
+from reward import SPEC_HELP, check_reward_spec
 
 
 def option(default, help):
@@ -63,6 +64,12 @@ class TrainConfig:
     reference_free: bool = option(False, "take the reference log-probs as 0 (no reference model)")
     logps: str = option("auto", "sequence log-prob: sum over response tokens, mean per token, or auto "
                         "(mean for ipo, as the IPO paper; sum otherwise, as DPO)")
+    sft_steps: int = option(0, "dpo: first train the starting weights with SFT on every response of the training pairs "
+                            "(the data's language) for this many steps, in the same run; the result (out_dir/sft/) "
+                            "is DPO's starting point and reference, as in the paper (0 = no warm start)")
+    sft_lr: float = option(0.0, "learning rate of the SFT warm start (0 = lr)")
+    sft_on: str = option("chosen", "sft: train on the chosen responses (preferred-FT, the paper's baseline) or on "
+                         "all: every distinct response, preferred or not (the data's language, as the warm start)")
     precompute_reference: bool = option(False, "compute the reference log-probs of every pair once before "
                                         "training, cache them in out_dir, and hold no reference model")
     # --- optimisation
@@ -103,6 +110,8 @@ class TrainConfig:
     kl_samples: int = option(16, "held-out prompts sampled (temperature 1) to estimate KL(policy || reference) at "
                              "each eval; needs a live reference model")
     n_samples: int = option(8, "held-out prompts in the before/after sample table (samples.md)")
+    reward: str = option("", "ground-truth reward of samples, logged as eval/reward and shown in samples.md: "
+                         + SPEC_HELP + ", or '' for none")
     max_new_tokens: int = option(24, "tokens sampled per continuation (samples and KL estimate)")
     temperature: float = option(0.7, "sampling temperature (0 = greedy)")
     log_every: int = option(10, "print a progress line and append to metrics.jsonl every N steps")
@@ -112,14 +121,14 @@ class TrainConfig:
 
 CHOICES = {
     "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft"), "loss_type": LOSS_TYPES,
-    "logps": ("auto", "sum", "mean"), "lr_schedule": ("constant", "cosine"),
+    "logps": ("auto", "sum", "mean"), "sft_on": ("chosen", "all"), "lr_schedule": ("constant", "cosine"),
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
     "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
 }
 MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offsets per-eval sampling seeds
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
             "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")
-NON_NEGATIVE = ("max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
+NON_NEGATIVE = ("sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
                 "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature")
 
 
@@ -200,6 +209,8 @@ def validate(cfg: TrainConfig):
                                                           cfg.data_path not in ("sentiment", "descriptiveness")):
         if not os.path.isfile(cfg.data_path):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
+    if cfg.reward:
+        check_reward_spec(cfg.reward)
     if cfg.precompute_reference and cfg.reference_free:
         raise ConfigError("precompute_reference and reference_free exclude each other")
     check_sharding(cfg)

@@ -42,18 +42,25 @@ def print_table(results):
           f"{results['pairs']} pairs x ({results['prompt_len']}+{results['response_len']}) tokens | "
           f"{results['steps']} timed steps after {results['warmup']}")
     print(f"{'size':<12}{'impl':<14}{'world':>6}{'tokens/s':>11}{'step ms median [min, max]':>30}"
-          f"{'peak mem GiB':>14}{'(before model)':>16}{'TFLOP/s':>9}{'MFU':>7}")
+          f"{'peak mem GiB':>14}{'(before model)':>16}{'TFLOP/s':>9}{'MFU/matmul':>11}{'MFU/sheet':>10}")
     for r in results["rows"]:
         if r.get("error"):
             print(f"{r['size']:<12}{r['impl']:<14} failed: {r['error'].strip().splitlines()[-1][:80]}")
             continue
         spread = f"{r['step_ms_median']:.0f} [{r['step_ms_min']:.0f}, {r['step_ms_max']:.0f}]"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mfu_matmul, mfu_sheet = (f"{100 * r[k]:.1f}%" if r.get(k) is not None else "-"
+                                 for k in ("mfu_vs_measured_matmul_peak", "mfu_vs_datasheet_peak"))
         reference = r.get("reference_precision", r["precision"])
         impl = r["impl"] + (f"+ref {reference}" if reference != r["precision"] else "")
         print(f"{r['size']:<12}{impl:<14}{r['world_size']:>6}{r['tokens_per_s']:>11.1f}{spread:>30}"
               f"{r['peak_mem_bytes'] / gib:>14.2f}{r['rss_before_model_bytes'] / gib:>16.2f}"
-              f"{r['model_flops_per_s'] / 1e12:>9.3f}{mfu:>7}")
+              f"{r['model_flops_per_s'] / 1e12:>9.3f}{mfu_matmul:>11}{mfu_sheet:>10}")
+    if results["device"] == "cuda":
+        measured, sheet = results["peak_bf16_matmul_flops_per_s"], results["datasheet_bf16_dense_peak_flops_per_s"]
+        print("MFU per GPU. MFU/matmul: against the best bf16 matmul rate measured in this run ("
+              + (f"{measured / 1e12:.1f} TFLOP/s" if measured else "none") + "); MFU/sheet: against NVIDIA's "
+              f"datasheet dense bf16 peak for {results['device_name']} ("
+              + (f"{sheet / 1e12:.1f} TFLOP/s" if sheet else "unknown: not in the table") + ")")
     for q in results["ratios"]:
         if "speedup" in q:
             print(f"{q['size']}: ours vs transformers: speedup {q['speedup']:.2f}x (target >= 2), peak memory "
@@ -91,8 +98,12 @@ def write_results(args, rows, defaults):
     ok = [r for r in rows if not r.get("error")]
     peaks = [r["matmul_peak_flops_per_s"] for r in ok if r.get("matmul_peak_flops_per_s")]
     bf16_peak = max(peaks) if args.device == "cuda" and peaks else None
-    for r in ok:
-        r["mfu"] = r["model_flops_per_s"] / (bf16_peak * r["world_size"]) if bf16_peak else None  # per GPU
+    for r in ok:  # per GPU, against each peak; null on CPU and where a peak is unknown
+        per_gpu = r["model_flops_per_s"] / r["world_size"]
+        r["mfu_vs_measured_matmul_peak"] = per_gpu / bf16_peak if bf16_peak else None
+        sheet = r.get("datasheet_peak_flops_per_s")
+        r["mfu_vs_datasheet_peak"] = per_gpu / sheet if sheet else None
+    sheets = {r.get("datasheet_peak_flops_per_s") for r in ok}
     sources = sorted({r["sources_sha1"] for r in ok})
     if len(sources) > 1:
         print(f"WARNING: the trainer's files changed during this run (sources_sha1 {sources}); the rows "
@@ -113,6 +124,10 @@ def write_results(args, rows, defaults):
                "compile": args.compile, "sharding": args.sharding, "seed": args.seed,
                "reference_dtype": args.reference_dtype,
                "peak_bf16_matmul_flops_per_s": bf16_peak,
+               "datasheet_bf16_dense_peak_flops_per_s": sheets.pop() if len(sheets) == 1 else None,
+               "datasheet_peak_source": ("NVIDIA datasheet, dense bf16 Tensor Core (bench/throughput.py "
+                                         "DATASHEET_BF16_DENSE_FLOPS_PER_S)" if args.device == "cuda" and
+                                         any(r.get("datasheet_peak_flops_per_s") for r in ok) else "unknown"),
                "flop_formula": "policy S*T*(6N+12LTd)+6(M+dV)H, reference S*T*(2N+4LTd)+2(M+dV)H; S rows of T "
                                "positions, H LM-head rows, M the last block's ln_2+MLP and ln_f (run at the H "
                                "rows only) (see bench/throughput.py docstring and bench/NOTES.md)",

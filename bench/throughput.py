@@ -3,7 +3,7 @@
     python bench/throughput.py --device cpu --sizes gpt2,gpt2-medium --pairs 8 --dtype fp32
     python bench/throughput.py --device cuda --dtype bf16                       # all four sizes
     torchrun --nproc_per_node 8 bench/throughput.py --sizes gpt2-xl             # FSDP, ours only
-    python bench/throughput.py --fsdp_memory --sizes gpt2                       # world sizes 1 and 2
+    python bench/throughput.py --fsdp_memory --sizes gpt2                       # world sizes 1 and 2 (GPUs allowing)
     torchrun --nproc_per_node 2 bench/throughput.py --fsdp_memory --sizes gpt2  # one world size
 
 One step = policy forward + backward on chosen and rejected, reference forward, gradient clipping,
@@ -26,9 +26,10 @@ no discount for the causal mask). With P = prompt_len, R = response_len, B = pai
     transformers                 S = 2B, T = P + R,  H = 2B * (P + R)   (logits at every position)
     ours, separate rows          S = 2B, T = P + R,  H = 2B * R         (logits only where used)
     ours, prefix sharing         S = B,  T = P + 2R, H = 2B * R         (the prompt runs once)
-MFU = step FLOPs / step time / the bf16 matmul rate measured in the same run (CUDA only; null on
-CPU). tokens/s always counts 2B * (P + R) tokens per step, however they are laid out. See
-bench/NOTES.md.
+MFU per GPU = step FLOPs / step time / world size / a peak, CUDA only (null on CPU), against two peaks:
+    mfu_vs_measured_matmul_peak   the best bf16 rate of 8192^2 matmuls measured in the same run
+    mfu_vs_datasheet_peak         NVIDIA's datasheet dense bf16 peak for the GPU's name (null: unknown)
+tokens/s always counts 2B * (P + R) tokens per step, however they are laid out. See bench/NOTES.md.
 """
 import argparse
 import contextlib
@@ -79,14 +80,15 @@ IMPLS = ("ours", "transformers")
 
 # ----------------------------------------------------------------------------- options
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the steps run; auto = cuda when torch.cuda.is_available(), else cpu")
     p.add_argument("--sizes", default="gpt2,gpt2-medium,gpt2-large,gpt2-xl", help=f"comma list of {list(SIZES)}")
     p.add_argument("--pairs", type=int, default=8, help="preference pairs per step (per rank under torchrun)")
-    p.add_argument("--prompt_len", type=int, default=64)
-    p.add_argument("--response_len", type=int, default=24)
+    p.add_argument("--prompt_len", type=int, default=64, help="prompt tokens of every pair")
+    p.add_argument("--response_len", type=int, default=24, help="tokens of every chosen and every rejected response")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--steps", type=int, default=10, help="timed steps (at least 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (optimizer state, kernels, compile)")
@@ -95,23 +97,33 @@ def parse_args(argv=None):
                         "transformers keeps its reference in --dtype")
     p.add_argument("--prefix_sharing", choices=("on", "off"), default="on" if TrainConfig().prefix_sharing else "off",
                    help="ours: the trainer's prefix_sharing (one packed row per pair); default: the trainer's")
-    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--activation_checkpointing", action="store_true",
+                   help="recompute each block in backward: ours through the trainer's parallelize(), "
+                        "transformers through gradient_checkpointing_enable()")
     p.add_argument("--compile", action="store_true", help="ours: per block, as the trainer; transformers: whole model")
-    p.add_argument("--impls", default="ours,transformers")
+    p.add_argument("--impls", default="ours,transformers", help=f"comma list of {list(IMPLS)}; under torchrun ours only")
     p.add_argument("--sharding", default="auto", choices=("auto", "none", "full"),
                    help="ours: auto = none (plain module) for a single fp32 process without activation "
                         "checkpointing or compile, else full (FSDP, also over one rank): the trainer applies "
                         "bf16, checkpointing and compile only through parallelize()")
     p.add_argument("--fsdp_memory", action="store_true",
                    help="per-rank bytes of params, grads and optimizer state under FSDP, and step time")
-    p.add_argument("--world_sizes", default="1,2", help="--fsdp_memory as a plain python: torchrun each of these")
+    p.add_argument("--world_sizes", default="1,2",
+                   help="--fsdp_memory as a plain python: torchrun each of these; on cuda, world sizes above "
+                        "torch.cuda.device_count() are skipped (with a note)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process; 0 = cores / local ranks")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random pairs and of the models' initialisation")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"),
                    help="where <device>-<dtype>-<yyyymmdd>.json goes")
+    # internal: how run_in_subprocesses and run_fsdp_worlds talk to the processes they launch
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)      # "size:impl", run in a subprocess
     p.add_argument("--_worker_out", default=None, help=argparse.SUPPRESS)  # where that subprocess writes its JSON
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.sizes = args.sizes.split(",")
@@ -142,6 +154,12 @@ def parse_args(argv=None):
         args.sharding = "none" if plain and not args.fsdp_memory else "full"
     if args.fsdp_memory:
         args.sharding = "full"
+    try:
+        args.world_sizes = [int(w) for w in args.world_sizes.split(",")]
+    except ValueError:
+        p.error(f"--world_sizes: expected a comma list of integers, got {args.world_sizes!r}")
+    if min(args.world_sizes) < 1:
+        p.error(f"--world_sizes must be >= 1, got {args.world_sizes}")
     return args
 
 
@@ -225,6 +243,43 @@ def matmul_peak_flops_per_s(device, dtype):
         sync(device)
         best = min(best, (time.perf_counter() - start) / iters)
     return 2 * n ** 3 / best
+
+
+# NVIDIA's datasheet peak of dense bf16 Tensor Core math, per GPU. The datasheets print the figure with
+# 2:4 structured sparsity, twice these: A100 312 TFLOPS dense (https://www.nvidia.com/en-us/data-center/a100/);
+# H100 SXM 1,979 / PCIe 1,513 / NVL 1,671 with sparsity (https://www.nvidia.com/en-us/data-center/h100/);
+# H200 SXM 1,979 / NVL 1,671 with sparsity (https://www.nvidia.com/en-us/data-center/h200/); GH200's GPU is
+# the H100 SXM's Hopper (https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/). Matched against
+# torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM part), most specific first.
+DATASHEET_BF16_DENSE_FLOPS_PER_S = (
+    (("h100", "pcie"), 756e12),
+    (("h100", "nvl"), 835.5e12),
+    (("h100",), 989.4e12),
+    (("gh200",), 989.4e12),
+    (("h200", "nvl"), 835.5e12),
+    (("h200",), 989.4e12),
+    (("a100",), 312e12),
+)
+
+
+def datasheet_peak_flops_per_s(device_name):
+    """The datasheet's dense bf16 peak of one GPU of this name, or None (unknown: no MFU against it)."""
+    name = device_name.lower()
+    for words, flops_per_s in DATASHEET_BF16_DENSE_FLOPS_PER_S:
+        if all(w in name for w in words):
+            return flops_per_s
+    return None
+
+
+def usable_world_sizes(requested, device_type, device_count):
+    """(the world sizes --fsdp_memory can run here, a note for each one skipped). On CUDA rank r takes
+    cuda:r, so a world size needs that many GPUs; gloo on CPU runs any number of processes."""
+    if device_type != "cuda":
+        return list(requested), []
+    kept = [w for w in requested if w <= device_count]
+    notes = [f"note: --world_sizes {w} skipped: this machine has {device_count} CUDA device(s) "
+             f"(torch.cuda.device_count()) and world size {w} needs {w}" for w in requested if w > device_count]
+    return kept, notes
 
 
 def sync(device):
@@ -376,7 +431,8 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     peak_dtype = torch.bfloat16 if device.type == "cuda" else parallel.DTYPES[args.dtype]
     row["matmul_peak_flops_per_s"] = matmul_peak_flops_per_s(device, peak_dtype) if rank == 0 else None
     row["matmul_peak_dtype"] = str(peak_dtype).removeprefix("torch.")
-    row["mfu"] = None  # set by the caller on CUDA, against the best bf16 rate of the run
+    # per GPU; MFU against it and against the best measured bf16 matmul rate is set by bench/report.py
+    row["datasheet_peak_flops_per_s"] = datasheet_peak_flops_per_s(device_name(device)) if device.type == "cuda" else None
     return row
 
 
@@ -428,7 +484,8 @@ def run_in_subprocesses(args):
                     tail = (result.stdout + result.stderr)[-2000:]
                     print(f"{size} {impl} failed (exit {result.returncode}):\n{tail}", file=sys.stderr)
                     rows.append({"size": size, "impl": impl, "error": tail, "tokens_per_s": None,
-                                 "step_ms_median": None, "peak_mem_bytes": None, "mfu": None})
+                                 "step_ms_median": None, "peak_mem_bytes": None,
+                                 "mfu_vs_measured_matmul_peak": None, "mfu_vs_datasheet_peak": None})
     return rows
 
 
@@ -456,8 +513,15 @@ def run_distributed(args):
 
 def run_fsdp_worlds(args):
     """--fsdp_memory as a plain python: torchrun each world size, then the ratios to world size 1."""
+    worlds, notes = usable_world_sizes(args.world_sizes, args.device,
+                                       torch.cuda.device_count() if args.device == "cuda" else 0)
+    for note in notes:
+        print(note, flush=True)
+    if not worlds:
+        sys.exit(f"--fsdp_memory: none of --world_sizes {args.world_sizes} fits this machine's "
+                 f"{torch.cuda.device_count()} CUDA device(s)")
     rows = []
-    for world in [int(w) for w in args.world_sizes.split(",")]:
+    for world in worlds:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rows.json")
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",

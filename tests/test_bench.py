@@ -1,5 +1,10 @@
 """bench/throughput.py: the script runs end to end on a tiny shape and writes the fields the README
-promises; its FLOP formula agrees with torch's FLOP counter; FSDP halves the per-rank training state."""
+promises; its FLOP formula agrees with torch's FLOP counter; FSDP halves the per-rank training state;
+--fsdp_memory runs the world sizes the GPUs allow; MFU's datasheet peaks; every option has a help text.
+bench/memory_estimate.py: its state bytes against independent counts and the trainer's own tensors, its
+activation measurement's trends, and its whole estimate against the tracked peak of the real step."""
+import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,14 +17,18 @@ import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import memory_estimate
 from conftest import ROOT
 from data.batches import PackedBatch
+from gpt2 import GPTConfig
+from train_config import TrainConfig
 
 SCRIPT = ROOT / "bench" / "throughput.py"
 TINY = ["--device=cpu", "--sizes=tiny", "--pairs=2", "--prompt_len=8", "--response_len=4", "--steps=10",
         "--warmup=1", "--threads=1"]
 ROW_FIELDS = ("size", "impl", "tokens_per_s", "step_ms_median", "step_ms_min", "step_ms_max", "peak_mem_bytes",
-              "rss_before_model_bytes", "mfu", "model_flops_per_step", "loss_first", "loss_last")
+              "rss_before_model_bytes", "mfu_vs_measured_matmul_peak", "mfu_vs_datasheet_peak",
+              "model_flops_per_step", "loss_first", "loss_last")
 
 
 def load_bench():
@@ -45,7 +54,8 @@ def test_tiny_run_writes_every_row_field(tmp_path):
     for row in results["rows"]:
         assert not row.get("error"), row.get("error")
         assert all(k in row for k in ROW_FIELDS), [k for k in ROW_FIELDS if k not in row]
-        assert row["mfu"] is None  # CPU: there is no bf16 matmul peak to divide by
+        # CPU: neither a measured bf16 matmul peak nor a datasheet one to divide by
+        assert row["mfu_vs_measured_matmul_peak"] is None and row["mfu_vs_datasheet_peak"] is None
         assert len(row["step_ms_all"]) == 10
         times = sorted(row["step_ms_all"])  # rounded to 0.01 ms
         assert row["step_ms_median"] == pytest.approx((times[4] + times[5]) / 2, abs=0.01)
@@ -108,3 +118,98 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
     assert result.returncode == 2
     assert "gpu_check: needs CUDA" in result.stderr and "nothing was run" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+# ----------------------------------------------------------------------------- throughput.py: options, GPUs
+
+@pytest.mark.parametrize("parser", ["throughput", "memory_estimate"])
+def test_every_option_has_a_help_text(parser):
+    """`--help` explains every option; only the internal plumbing (--_worker...) is hidden."""
+    p = load_bench().build_parser() if parser == "throughput" else memory_estimate.build_parser()
+    for action in p._actions:
+        name = action.option_strings[-1]
+        if action.help == argparse.SUPPRESS:
+            assert name.startswith("--_"), f"{name} is hidden from --help"
+        else:
+            assert isinstance(action.help, str) and action.help.strip(), f"{name} has no help text"
+
+
+def test_fsdp_memory_world_sizes_follow_the_gpus():
+    bench = load_bench()
+    assert bench.usable_world_sizes([1, 2], "cuda", 1) == ([1], [
+        "note: --world_sizes 2 skipped: this machine has 1 CUDA device(s) (torch.cuda.device_count()) and "
+        "world size 2 needs 2"])
+    assert bench.usable_world_sizes([1, 2, 8], "cuda", 8) == ([1, 2, 8], [])
+    assert bench.usable_world_sizes([4], "cuda", 2)[0] == []
+    assert bench.usable_world_sizes([1, 2, 4], "cpu", 0) == ([1, 2, 4], [])  # gloo: any number of processes
+    assert bench.parse_args(TINY + ["--world_sizes=1,4"]).world_sizes == [1, 4]
+
+
+def test_datasheet_peak_by_device_name():
+    peak = load_bench().datasheet_peak_flops_per_s
+    assert peak("NVIDIA H100 80GB HBM3") == 989.4e12  # the SXM part's name
+    assert peak("NVIDIA H100 PCIe") == 756e12
+    assert peak("NVIDIA H100 NVL") == 835.5e12
+    assert peak("NVIDIA H200") == 989.4e12
+    assert peak("NVIDIA A100-SXM4-80GB") == peak("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak("NVIDIA GeForce RTX 3060") is None and peak("Tesla T4") is None  # unknown: no MFU against it
+
+
+# ----------------------------------------------------------------------------- memory_estimate.py
+
+TINY_SHAPE = GPTConfig(n_layer=2, n_head=2, n_embd=64)  # full vocabulary: the LM head is real
+SENTIMENT = dict(dataset="lm_human_preferences", data_path="sentiment", group_order=True, precision="bf16")
+
+
+def test_estimate_state_bytes_against_independent_counts():
+    """Parameters against transformers' own GPT2LMHeadModel (meta device) and gpt2's published count;
+    bytes as the trainer holds them: fp32 weights, grads and two AdamW moments, a bf16 reference."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        shape = GPTConfig.from_name(name)
+        with torch.device("meta"):
+            hf = GPT2LMHeadModel(GPT2Config(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd))
+        assert memory_estimate.n_params(shape) == sum(p.numel() for p in hf.parameters())  # tied head once
+    P = 124_439_808  # gpt2
+    cfg = TrainConfig(init_from="gpt2", **SENTIMENT)
+    state = memory_estimate.state_bytes(cfg, memory_estimate.model_shape(cfg), world_size=1, n_micro=1)
+    assert state["n_params"] == P
+    assert (state["param_bytes"], state["grad_bytes"], state["optimizer_bytes"], state["reference_param_bytes"]) == (
+        4 * P, 4 * P, 8 * P, 2 * P)
+    sharded = memory_estimate.state_bytes(cfg, memory_estimate.model_shape(cfg), world_size=2, n_micro=2)
+    assert (sharded["param_bytes"], sharded["optimizer_bytes"], sharded["reference_param_bytes"]) == (2 * P, 4 * P, P)
+    assert sharded["grad_bytes"] == 4 * P  # accumulating: FSDP2 keeps the unsharded fp32 gradients
+    for changes, reference_bytes in ((dict(reference_precision="fp32"), 4 * P), (dict(precompute_reference=True), 0),
+                                     (dict(reference_free=True), 0)):
+        other = dataclasses.replace(cfg, **changes)
+        assert memory_estimate.state_bytes(other, GPTConfig.from_name("gpt2"), 1, 1)[
+            "reference_param_bytes"] == reference_bytes, changes
+
+
+def test_saved_activations_grow_with_length_and_shrink_with_checkpointing():
+    """The saved-tensor hooks see more per block for longer rows, and checkpointing keeps only each
+    block's input (the residual stream, bf16): n_embd * 2 bytes per position, plus the mask once."""
+    short = TrainConfig(init_from="scratch", max_prompt_len=8, max_len=12, **SENTIMENT)
+    long = dataclasses.replace(short, max_prompt_len=16, max_len=24)
+    measure = memory_estimate.measure_activations
+    plain_short, plain_long = measure(short, TINY_SHAPE, 3, False), measure(long, TINY_SHAPE, 3, False)
+    checkpointed = measure(long, TINY_SHAPE, 3, True)
+    assert plain_short["unit_positions"] == 8 + 4 * 4 and plain_long["unit_positions"] == 16 + 4 * 8
+    assert plain_long["per_block_bytes_per_unit"] > 1.9 * plain_short["per_block_bytes_per_unit"]
+    assert plain_long["first_block_bytes_per_unit"] > plain_short["first_block_bytes_per_unit"]
+    assert checkpointed["per_block_bytes_per_unit"] == 48 * 64 * 2  # the block's bf16 input, nothing else
+    assert checkpointed["per_block_bytes_per_unit"] < plain_long["per_block_bytes_per_unit"] / 4
+    assert checkpointed["fixed_bytes"] == plain_long["fixed_bytes"] == 4 * 50257 * 64  # the head's fp32 copy
+
+
+@pytest.mark.parametrize("micro_batch_size, n_micro, checkpointing", [(6, 1, False), (3, 2, True)])
+def test_estimate_bounds_the_tracked_peak_of_the_real_step(micro_batch_size, n_micro, checkpointing):
+    """The whole estimate against the trainer's own step (FSDP over one gloo process, bf16, CPU), whose
+    live tensors are tracked op by op: above it, and by less than a quarter at this tiny width, where
+    the LM head's rows are counted at their upper bound (at gpt2's shape: 0.5-3.5% above)."""
+    cfg = TrainConfig(init_from="scratch", max_prompt_len=16, max_len=24, activation_checkpointing=checkpointing,
+                      batch_size=micro_batch_size * n_micro, micro_batch_size=micro_batch_size, **SENTIMENT)
+    measured = {ac: memory_estimate.measure_activations(cfg, TINY_SHAPE, 3, ac) for ac in (False, True)}
+    estimate = memory_estimate.estimate(cfg, TINY_SHAPE, micro_batch_size, checkpointing, measured)
+    tracked = memory_estimate.tracked_step_peak_bytes(cfg, TINY_SHAPE, 3, micro_batch_size, n_micro)
+    assert tracked <= estimate["peak_bytes"] <= 1.25 * tracked, (estimate["peak_bytes"], tracked)

@@ -39,3 +39,31 @@ def test_kl_estimate_is_unbiased_for_the_policy_distribution(one_process_group):
     standard_error = math.sqrt((second_moment - kl ** 2).sum().item()) / n_prompts
     assert kl.mean().item() > 1.0  # the two models really differ
     assert abs(estimate - kl.mean().item()) < 4 * standard_error, (estimate, kl.mean().item(), standard_error)
+
+
+class RecordingReward:
+    """A reward known by hand (characters of the continuation) that keeps what it was asked to score."""
+    def __init__(self):
+        self.calls = []
+
+    def score(self, prompts, continuations):
+        self.calls.append((list(prompts), list(continuations)))
+        return [float(len(text)) for text in continuations]
+
+
+def test_reward_is_the_mean_over_the_kl_samples_and_kl_of_the_reference_itself_is_zero(one_process_group, monkeypatch):
+    import evaluation
+    from data.tokenizer import decode
+    recording = RecordingReward()
+    monkeypatch.setitem(evaluation._reward_models, "recording", recording)
+    policy = peaky_model(1)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50256, (4,), generator=gen).tolist() for _ in range(12)]
+    pairs = [Pair(prompt, [1], [2], group_index=i, chosen_index=0, rejected_index=1) for i, prompt in enumerate(prompts)]
+    cfg = TrainConfig(max_new_tokens=5, kl_samples=8, micro_batch_size=4, reward="recording")
+    metrics = evaluate(policy, policy, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"), step=3)
+    assert metrics["eval/kl"].item() == 0.0  # policy = reference: every log-ratio is exactly 0
+    (scored_prompts, continuations), = recording.calls
+    assert scored_prompts == [decode(p) for p in prompts[:8]]  # one sample per held-out prompt, kl_samples of them
+    assert all(0 < len(text) for text in continuations)
+    assert metrics["eval/reward"].item() == sum(map(len, continuations)) / 8

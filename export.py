@@ -1,0 +1,168 @@
+"""The export, out_dir/final/: a complete Hugging Face model folder that transformers, the hub and
+people can use without this project.
+
+gpt2.py's write_hf_checkpoint writes the weights (model.safetensors) and config.json; this adds
+- GPT-2's tokenizer: vocab.json and merges.txt (data/gpt2_bpe/'s encoder.json and vocab.bpe, byte
+  for byte), tokenizer_config.json and special_tokens_map.json, so AutoTokenizer gives GPT-2's;
+- generation_config.json: <|endoftext|> as eos, bos and pad, and the run's sampling settings;
+- README.md, the model card: base model, data, objective, steps, precision, the final held-out
+  metrics, the command that trained it and every setting.
+Publishing is the hub's CLI: `hf upload <user>/<repo> out_dir/final` (README, "The export").
+"""
+import json
+import os
+import shlex
+
+from data.tokenizer import EOT_ID, read_bpe_file
+from gpt2 import PRESETS, write_hf_checkpoint
+from parallel import reference_precision_name
+from run_dir import write_atomic
+from train_config import TrainConfig, dump_config
+
+EOT = "<|endoftext|>"
+
+
+def write_export(final, config, state_dict, cfg: TrainConfig, final_metrics: dict, counts: dict, command: str):
+    """Rank 0: the whole folder. The model card is written last, so a folder with README.md is complete."""
+    write_hf_checkpoint(config, state_dict, final)
+    write_tokenizer_files(final, model_max_length=config.n_positions)
+    write_json(os.path.join(final, "generation_config.json"), generation_config(cfg))
+    write_atomic(os.path.join(final, "README.md"), model_card(cfg, final_metrics, counts, command))
+
+
+def write_json(path, value):
+    write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- tokenizer and generation
+
+def write_tokenizer_files(final, model_max_length: int):
+    """GPT-2's tokenizer as the hub's openai-community/gpt2 ships it (vocab.json, merges.txt) with the
+    two JSON files transformers (4.x) writes for it; transformers 4 and 5 both read them."""
+    write_atomic(os.path.join(final, "vocab.json"), read_bpe_file("encoder.json"))
+    write_atomic(os.path.join(final, "merges.txt"), read_bpe_file("vocab.bpe"))
+    write_json(os.path.join(final, "tokenizer_config.json"), {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(EOT_ID): {"content": EOT, "lstrip": False, "normalized": True, "rstrip": False,
+                                               "single_word": False, "special": True}},
+        "bos_token": EOT,
+        # decode must give the text back exactly, as tiktoken does (no " ." -> "." clean-up)
+        "clean_up_tokenization_spaces": False,
+        "eos_token": EOT,
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": None,
+        "tokenizer_class": "GPT2Tokenizer",
+        "unk_token": EOT,
+    })
+    write_json(os.path.join(final, "special_tokens_map.json"), {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+
+
+def generation_config(cfg: TrainConfig) -> dict:
+    """What `generate` and pipelines use by default: the run's sample settings. <|endoftext|> is also
+    the pad id, as GPT-2 users set it (GPT-2 has no pad token)."""
+    config = {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID,
+              "max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.temperature > 0}
+    if cfg.temperature > 0:
+        # plain temperature sampling, as the run's samples; top_k 0 switches off transformers 4's default of 50
+        config |= {"temperature": cfg.temperature, "top_k": 0}
+    return config
+
+
+# ----------------------------------------------------------------------------- the model card
+
+def base_model(init_from: str) -> str | None:
+    """The hub id of the starting weights, for the card's metadata; None for scratch or a local directory."""
+    if init_from in PRESETS:
+        return f"openai-community/{init_from}"
+    if init_from == "scratch" or os.path.isdir(init_from):
+        return None
+    return init_from
+
+
+def model_card(cfg: TrainConfig, final_metrics: dict, counts: dict, command: str) -> str:
+    base = base_model(cfg.init_from)
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, dpo]"]
+    front += [f"base_model: {base}"] if base else []
+    started = (f"[{base}](https://huggingface.co/{base})" if base else
+               f"a random initialisation ({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd})"
+               if cfg.init_from == "scratch" else f"the local weights `{cfg.init_from}`")
+    objective = ("supervised fine-tuning on the chosen responses (`objective: sft`)" if cfg.objective == "sft" else
+                 "Direct Preference Optimization ([Rafailov et al. 2023](https://arxiv.org/abs/2305.18290))")
+    rows = [("base model", started), ("data", data_row(cfg, counts)), ("objective", objective_row(cfg)),
+            ("steps", steps_row(cfg, final_metrics)),
+            ("precision", f"{cfg.precision} (reference model: {reference_precision_name(cfg)})"),
+            ("command", f"`{command}`")]
+    lines = front + ["---", "", "# GPT-2 trained with gpt2-dpo", "",
+                     f"Trained from {started} with {objective}, by gpt2-dpo, a from-scratch DPO trainer for GPT-2 in "
+                     "plain PyTorch. The folder is a transformers model (`GPT2LMHeadModel`) with GPT-2's tokenizer.",
+                     "", "## Use", "", "```python", "from transformers import pipeline", "",
+                     'generate = pipeline("text-generation", model="PATH_OR_REPO_ID")',
+                     'print(generate("Honestly, the hotel was")[0]["generated_text"])', "```", "",
+                     "`generation_config.json` holds the run's sampling settings "
+                     f"({sampling(cfg)}, {cfg.max_new_tokens} new tokens).", "",
+                     "## Training", "", "| | |", "| --- | --- |"]
+    lines += [f"| {name} | {table_cell(value)} |" for name, value in rows]
+    lines += ["", "## Held-out metrics at the end of training", ""] + metrics_table(final_metrics)
+    lines += ["", "<details><summary>Every setting of the run (config.yaml)</summary>", "", "```yaml",
+              dump_config(cfg).rstrip(), "```", "", "</details>", "",
+              "## Licence", "", "The tokenizer files (vocab.json, merges.txt) are OpenAI's GPT-2 byte-pair encoding, "
+              "under OpenAI's modified MIT licence."
+              + (f" The weights derive from {base}; see its licence." if base else ""), ""]
+    return "\n".join(lines)
+
+
+def table_cell(text: str) -> str:
+    return text.replace("|", r"\|")  # a bare | (in a path or an argument) would end the cell
+
+
+def sampling(cfg: TrainConfig) -> str:
+    return f"temperature {cfg.temperature}" if cfg.temperature > 0 else "greedy"
+
+
+def data_row(cfg: TrainConfig, counts: dict) -> str:
+    source = ("the project's generated demo set (data/demo.py)" if cfg.dataset == "demo"
+              else f"`{cfg.data_path}`" + (f" (split {cfg.split})" if cfg.dataset == "hub" else ""))
+    pairs = counts.get("train_pairs", 0) + counts.get("eval_pairs", 0)
+    return (f"format `{cfg.dataset}`, {source}: {pairs:,} preference pairs, {counts.get('train_pairs', 0):,} for "
+            f"training and {counts.get('eval_pairs', 0):,} held out ({counts.get('eval_prompts', 0):,} prompts, "
+            f"eval_fraction {cfg.eval_fraction} of the prompts); prompts cut to {cfg.max_prompt_len} tokens, "
+            f"prompt + response to {cfg.max_len}")
+
+
+def objective_row(cfg: TrainConfig) -> str:
+    if cfg.objective == "sft":
+        return "sft (maximum likelihood of the chosen responses)"
+    row = (f"dpo, loss_type {cfg.loss_type}, β = {cfg.beta}, label_smoothing {cfg.label_smoothing}, "
+           f"reference_free {str(cfg.reference_free).lower()}, sequence log-probs: {cfg.logps}")
+    if cfg.sft_steps:
+        row += f"; after an SFT warm start of {cfg.sft_steps} steps (lr {cfg.sft_lr or cfg.lr})"
+    return row
+
+
+def steps_row(cfg: TrainConfig, final_metrics: dict) -> str:
+    steps = final_metrics.get("step", "?")
+    return (f"{steps} optimizer steps of {cfg.batch_size} pairs (micro-batch {cfg.micro_batch_size} per rank, "
+            f"epochs {cfg.epochs}); AdamW lr {cfg.lr}, {cfg.lr_schedule} after {cfg.warmup_steps} warmup steps, "
+            f"weight decay {cfg.weight_decay}, gradient clipping {cfg.grad_clip}, seed {cfg.seed}")
+
+
+def metrics_table(final_metrics: dict) -> list[str]:
+    values = {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
+    if not values:
+        return ["No held-out prompts (eval_fraction 0): no held-out metrics."]
+    note = f"At step {final_metrics.get('step', '?')}, on the held-out prompts."
+    if "eval/kl" in values:
+        note += " `eval/kl` estimates KL(policy ‖ reference) from continuations sampled from the policy."
+    return ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in values.items()] + ["", note]
+
+
+def training_command(argv) -> str:
+    """The command line as python or torchrun ran it (torchrun's own options are read back from the
+    environment it gives its workers)."""
+    args = shlex.join(["fsdp_train.py", *argv])
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return f"python {args}"
+    return (f"torchrun --nnodes {os.environ.get('GROUP_WORLD_SIZE', '?')} "
+            f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '?')} {args}")

@@ -1,0 +1,213 @@
+"""The DPO paper's sentiment experiment (Sec. 6.1, App. C.1; Figure 2): the reward-KL frontier.
+
+    python frontier.py --config_file config/frontier_demo.yaml
+
+Stages, each a directory under out_dir (a relaunch skips the stages whose result is there):
+  1. sft/          SFT of init_from on every response of the SFT data (the prompt set's language),
+                   or none when init_from is already an SFT model (sft: null)
+  2. pairs.jsonl   k completions per prompt sampled from the SFT model and ranked by the ground-truth
+                   reward: all k(k-1)/2 pairs with distinct scores (generate_pairs.py)
+  3. dpo_beta_*/   DPO from the SFT model on those pairs, one run per β
+     preferred_ft/ the paper's preferred-FT baseline: SFT on each prompt's best completion
+  4. frontier.json and frontier.png: each run's held-out reward (eval/reward) against its sequence-
+     level KL(π || π_ref) (eval/kl), every eval_every steps, on the same held-out prompts (every
+     run splits the same prompts with the same seed), with the SFT model's reward as the reference.
+
+Every run is fsdp_train.py in this process, with the config's `trainer` options plus its stage's;
+its own out_dir holds its metrics.jsonl, samples.md and final/ as usual.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+import yaml
+
+import fsdp_train
+from data.demo import demo_texts
+from errors import ConfigError, InputError
+from generate_pairs import generate_pairs, read_prompts, write_jsonl
+from gpt2 import GPT, WeightsError
+from reward import check_reward_spec, load_reward
+from run_dir import write_atomic
+
+
+@dataclasses.dataclass
+class FrontierConfig:
+    out_dir: str
+    trainer: dict           # fsdp_train options every run shares (model, precision, reward, eval settings)
+    prompts: str            # "demo" (the demo set's prompts) or a JSONL/.txt prompt file (generate_pairs.py)
+    sft: dict | None        # stage 1's fsdp_train options (objective sft, sft_on all), or None
+    generation: dict        # generate_pairs options: k, max_new_tokens, temperature, seed, batch_size
+    dpo: dict               # options of every DPO run
+    betas: list             # one DPO run per β (the paper: 0.05, 0.1, 1, 5)
+    preferred_ft: dict | None  # options of the preferred-FT run, or None for no baseline
+
+
+def read_config(path) -> FrontierConfig:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from err
+    fields = {f.name for f in dataclasses.fields(FrontierConfig)}
+    defaults = {"sft": None, "preferred_ft": None, "betas": [0.05, 0.1, 1.0, 5.0], "generation": {}, "dpo": {}}
+    if not isinstance(raw, dict) or set(raw) - fields or fields - set(raw) - set(defaults):
+        raise ConfigError(f"{path}: expected the keys {sorted(fields)} ({sorted(defaults)} optional)")
+    cfg = FrontierConfig(**(defaults | raw))
+    if not cfg.trainer.get("reward"):
+        raise ConfigError(f"{path}: trainer.reward must name the ground-truth reward (reward.py)")
+    check_reward_spec(cfg.trainer["reward"])
+    return cfg
+
+
+def as_argv(options: dict) -> list[str]:
+    return [f"--{key}={value}" for key, value in options.items()]
+
+
+def train(cfg: FrontierConfig, name, options, log):
+    """One fsdp_train run in out_dir/name (resumed or left alone if it is already there)."""
+    argv = as_argv(cfg.trainer | options | {"out_dir": os.path.join(cfg.out_dir, name)})
+    log(f"== {name}: python fsdp_train.py {' '.join(argv)}")
+    exit_code = fsdp_train.run(argv)
+    if exit_code == 2:
+        raise ConfigError(f"the {name} run stopped on bad input (the error above)")
+    if exit_code != 0:
+        raise RuntimeError(f"the {name} run failed with exit code {exit_code} (its messages are above)")
+    return os.path.join(cfg.out_dir, name, "final")
+
+
+# ----------------------------------------------------------------------------- the stages
+
+def sft_stage(cfg, log) -> str:
+    if cfg.sft is None:
+        return cfg.trainer["init_from"]
+    return train(cfg, "sft", {"objective": "sft", "sft_on": "all", "kl_samples": 0, "n_samples": 0} | cfg.sft, log)
+
+
+def prompt_texts(cfg) -> list[str]:
+    if cfg.prompts == "demo":
+        return [prompt for prompt, _, _ in demo_texts()]  # the 128 prompts of dataset: demo
+    return read_prompts(cfg.prompts)
+
+
+def pairs_stage(cfg, sft_model, log):
+    pairs_path, best_path = (os.path.join(cfg.out_dir, name) for name in ("pairs.jsonl", "best.jsonl"))
+    if os.path.exists(pairs_path) and os.path.exists(best_path):
+        log(f"== pairs: reusing {pairs_path}")
+        return pairs_path, best_path
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("device") != "cpu" else "cpu")
+    model = GPT.from_pretrained(sft_model, device=device).eval()
+    prompts = prompt_texts(cfg)
+    log(f"== pairs: {cfg.generation.get('k', 4)} samples for each of {len(prompts)} prompts from {sft_model}")
+    records, counts, best = generate_pairs(model, prompts, load_reward(cfg.trainer["reward"], device=str(device)),
+                                           device=device, **cfg.generation)
+    write_jsonl(best_path, best)
+    write_jsonl(pairs_path, records)  # last: its presence means both are complete
+    log(f"wrote {pairs_path}: {json.dumps(counts)}")
+    return pairs_path, best_path
+
+
+def runs_stage(cfg, sft_model, pairs_path, best_path, log) -> list[dict]:
+    """Each run's (method, beta, out_dir); the runs are trained on the way."""
+    data = {"init_from": sft_model, "dataset": "jsonl"}
+    runs = []
+    for beta in cfg.betas:
+        name = f"dpo_beta_{beta:g}"
+        train(cfg, name, data | {"data_path": pairs_path, "objective": "dpo", "beta": beta} | cfg.dpo, log)
+        runs.append({"method": "dpo", "beta": beta, "dir": os.path.join(cfg.out_dir, name)})
+    if cfg.preferred_ft is not None:
+        train(cfg, "preferred_ft", data | {"data_path": best_path, "objective": "sft"} | cfg.preferred_ft, log)
+        runs.append({"method": "preferred_ft", "beta": None, "dir": os.path.join(cfg.out_dir, "preferred_ft")})
+    return runs
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+def eval_points(run_dir) -> list[dict]:
+    """(step, kl, reward) of every eval line of a run's metrics.jsonl."""
+    points = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "eval/reward" in record and "eval/kl" in record:
+                points.append({"step": record["step"], "kl": record["eval/kl"], "reward": record["eval/reward"]})
+    if not points:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has no eval line with eval/kl and eval/reward")
+    return points
+
+
+def frontier(runs) -> dict:
+    """The JSON of Figure 2. The reference's reward is a step-0 eval (policy = reference, kl 0)."""
+    result = {"reference": None, "runs": []}
+    for run in runs:
+        points = eval_points(run["dir"])
+        if points[0]["step"] == 0 and result["reference"] is None:
+            result["reference"] = {"reward": points[0]["reward"]}
+        result["runs"].append({"method": run["method"], "beta": run["beta"], "points": points})
+    return result
+
+
+def plot(result, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e \".[plot]\"): frontier.png not drawn"
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for run in result["runs"]:
+        label = f"DPO β={run['beta']:g}" if run["method"] == "dpo" else "Preferred-FT"
+        points = sorted(run["points"], key=lambda p: p["kl"])
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", ms=3, label=label)
+    if result["reference"] is not None:
+        ax.axhline(result["reference"]["reward"], color="gray", ls="--", lw=1, label="SFT (reference)")
+    ax.set_xlabel("KL(π || π_ref), sequence level")
+    ax.set_ylabel("reward (held-out samples)")
+    ax.set_title("Reward-KL frontier (DPO paper, Fig. 2)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config_file", required=True, help="the frontier's YAML (config/frontier_demo.yaml)")
+    p.add_argument("--out_dir", default="", help="override the config's out_dir")
+    args = p.parse_args(argv)
+    cfg = read_config(args.config_file)
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    sft_model = sft_stage(cfg, log)
+    pairs_path, best_path = pairs_stage(cfg, sft_model, log)
+    runs = runs_stage(cfg, sft_model, pairs_path, best_path, log)
+    result = frontier(runs)
+    write_atomic(os.path.join(cfg.out_dir, "frontier.json"), json.dumps(result, indent=1))
+    log(summary(result))
+    log(plot(result, os.path.join(cfg.out_dir, "frontier.png")))
+
+
+def summary(result) -> str:
+    lines = [f"reference (SFT) reward {result['reference']['reward']:.3f}" if result["reference"] else "",
+             "| run | final step | KL | reward | best reward (at KL) |", "| --- | --- | --- | --- | --- |"]
+    for run in result["runs"]:
+        name = f"DPO β={run['beta']:g}" if run["method"] == "dpo" else "Preferred-FT"
+        last, best = run["points"][-1], max(run["points"], key=lambda q: q["reward"])
+        lines.append(f"| {name} | {last['step']} | {last['kl']:.2f} | {last['reward']:.3f} | "
+                     f"{best['reward']:.3f} ({best['kl']:.2f}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (InputError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

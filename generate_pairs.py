@@ -1,0 +1,156 @@
+"""The DPO paper's pair-generation step (Sec. 6.1, App. C.1): sample k completions per prompt from a
+policy, score them with a ground-truth reward, and write every ranked pair as JSONL the trainer reads.
+
+    python generate_pairs.py --model out/frontier/sft/final --prompts prompts.jsonl --out pairs.jsonl \\
+        --k 4 --reward vader
+
+Of each prompt's k samples, all k(k-1)/2 pairs whose scores differ are written, the higher-scored
+one as "chosen" (6 pairs per prompt for the paper's k = 4). Pairs with equal scores (identical
+samples included) are dropped and counted. This is also how to make on-policy preference data from
+your own SFT model and reward model: `--model` takes a hub id or a local directory, `--reward` any
+reward.py spec.
+
+--prompts is a JSONL file with a "prompt" string per line (a preference file's prompts are used
+once each, so a trainer's JSONL works too) or a .txt file with one prompt per line. Sampling is
+batched with the KV cache and seeded (the same command writes the same file). Each output line also
+carries the two scores (chosen_reward, rejected_reward), which the trainer ignores.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import torch
+
+from data.batches import left_pad
+from data.tokenizer import EOT_ID, decode, encode
+from errors import DataError, InputError
+from gpt2 import GPT, WeightsError
+from reward import SPEC_HELP, load_reward
+from run_dir import write_atomic
+
+
+def read_prompts(path) -> list[str]:
+    """Distinct prompts in file order: a .txt file's non-blank lines, or each JSONL line's "prompt"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read prompts ({err})") from err
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.endswith(".txt"):
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise DataError(f"{path}:{number}: not a JSON line ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise DataError(f"{path}:{number}: expected an object with a non-empty \"prompt\" string")
+        prompts.append(record["prompt"])
+    prompts = list(dict.fromkeys(prompts))
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def sample_completions(model, prompts, k, max_new_tokens, temperature, seed, batch_size, device) -> list[list[str]]:
+    """k continuations of each prompt (text, cut at the first <|endoftext|>), sampled in batches of
+    batch_size rows with the KV cache; rows are the prompts repeated k times, so one seed fixes all."""
+    rows = [encode(prompt) for prompt in prompts for _ in range(k)]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    texts = []
+    for start in range(0, len(rows), batch_size):
+        input_ids, mask = (t.to(device) for t in left_pad(rows[start:start + batch_size]))
+        tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                temperature=temperature, generator=generator)
+        for row in tokens[:, input_ids.size(1):].tolist():
+            texts.append(decode(row[:row.index(EOT_ID)] if EOT_ID in row else row))
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def ranked_pairs(prompt, completions, scores):
+    """Every pair of completions with different scores, higher first; returns (records, ties)."""
+    records, ties = [], 0
+    for i, j in itertools.combinations(range(len(completions)), 2):
+        if scores[i] == scores[j]:
+            ties += 1
+            continue
+        hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
+        records.append({"prompt": prompt, "chosen": completions[hi], "rejected": completions[lo],
+                        "chosen_reward": scores[hi], "rejected_reward": scores[lo]})
+    return records, ties
+
+
+def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1.0, seed=0, batch_size=64,
+                   device="cpu"):
+    """(pair records, counts, best records): the paper's pipeline on a loaded model and reward. The
+    best records hold each prompt's highest-scored completion as "chosen" (the preferred-FT
+    baseline's data) and its lowest as "rejected"."""
+    completions = sample_completions(model, prompts, k, max_new_tokens, temperature, seed, batch_size, device)
+    records, ties, best, without_pairs = [], 0, [], 0
+    for prompt, texts in zip(prompts, completions):
+        scores = reward.score([prompt] * len(texts), texts)
+        pairs, prompt_ties = ranked_pairs(prompt, texts, scores)
+        records += pairs
+        ties += prompt_ties
+        without_pairs += not pairs
+        if pairs:  # the best completion (and the worst, which SFT does not read) of each prompt
+            order = sorted(range(len(texts)), key=scores.__getitem__)
+            best.append({"prompt": prompt, "chosen": texts[order[-1]], "rejected": texts[order[0]]})
+    counts = {"prompts": len(prompts), "samples": len(prompts) * k, "pairs": len(records), "ties_dropped": ties,
+              "prompts_without_pairs": without_pairs}
+    return records, counts, best
+
+
+def write_jsonl(path, records):
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="the policy to sample: a hub id (gpt2, org/name) or a directory "
+                   "with config.json + model.safetensors (e.g. a run's out_dir/final)")
+    p.add_argument("--prompts", required=True, help="JSONL with a \"prompt\" per line, or .txt with one prompt per line")
+    p.add_argument("--out", required=True, help="where to write the ranked pairs (JSONL, prompt/chosen/rejected)")
+    p.add_argument("--reward", default="vader", help=f"the ground-truth reward: {SPEC_HELP}")
+    p.add_argument("--k", type=int, default=4, help="completions per prompt (the paper: 4, giving 6 pairs)")
+    p.add_argument("--max_new_tokens", type=int, default=24, help="tokens sampled per completion")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--batch_size", type=int, default=64, help="rows sampled together")
+    p.add_argument("--best_out", default="", help="also write each prompt's best completion as JSONL "
+                   "(the preferred-FT baseline's data), if given")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    args = p.parse_args(argv)
+    if args.k < 2 or args.max_new_tokens < 1 or args.batch_size < 1 or not args.temperature > 0:
+        raise InputError("need --k >= 2, --max_new_tokens >= 1, --batch_size >= 1 and --temperature > 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    prompts = read_prompts(args.prompts)
+    reward = load_reward(args.reward, device=str(device))
+    model = GPT.from_pretrained(args.model, device=device).eval()
+    print(f"sampling {args.k} completions for each of {len(prompts)} prompts from {args.model}", flush=True)
+    records, counts, best = generate_pairs(model, prompts, reward, args.k, args.max_new_tokens, args.temperature,
+                                           args.seed, args.batch_size, device)
+    write_jsonl(args.out, records)
+    if args.best_out:
+        write_jsonl(args.best_out, best)
+    print(f"wrote {args.out}: {json.dumps(counts)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (InputError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

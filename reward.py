@@ -1,0 +1,98 @@
+"""Ground-truth rewards of generated text: the sentiment score that the DPO paper's controlled
+sentiment experiment (Sec. 6.1, App. C.1) ranks samples with and plots on Figure 2's y axis.
+
+    reward = load_reward("vader")                       # offline: VADER's lexicon, compound score in [-1, 1]
+    reward = load_reward("hf:siebert/sentiment-roberta-large-english")   # P(positive), in [0, 1]
+    reward = load_reward("hf_logit:lvwerra/distilbert-imdb")             # the positive-class logit
+    scores = reward.score(prompts, continuations)       # one float per continuation
+
+Only the continuation is scored, not the prompt: the prompt is the same for the policy and the
+reference, and a strongly worded prompt would otherwise dominate every sample's score.
+
+Both backends are optional extras (`pip install -e ".[reward]"` for VADER; transformers for a
+classifier), imported on first use with a message saying what to install. A classifier is loaded
+from safetensors only (use_safetensors=True) and never runs code from its repository, so loading
+one unpickles and executes nothing.
+"""
+import importlib.util
+
+from errors import ConfigError
+
+SPEC_HELP = ("vader (offline sentiment lexicon; pip install vaderSentiment), hf:<hub id or directory> "
+             "(a text-classification model's positive-class probability; needs transformers), "
+             "hf_logit:<hub id or directory> (its positive-class logit)")
+
+
+def check_reward_spec(spec: str):
+    """A spec's form and its backend's package, checked before any work (ConfigError otherwise)."""
+    backend, _, model = spec.partition(":")
+    if backend == "vader" and not model:
+        package, extra = "vaderSentiment", 'pip install vaderSentiment (or pip install -e ".[reward]")'
+    elif backend in ("hf", "hf_logit") and model:
+        package, extra = "transformers", "pip install transformers"
+    else:
+        raise ConfigError(f"reward={spec!r}: expected {SPEC_HELP}")
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"reward={spec} needs {package}: {extra}")
+
+
+def load_reward(spec: str, device="cpu"):
+    check_reward_spec(spec)
+    backend, _, model = spec.partition(":")
+    if backend == "vader":
+        return VaderReward()
+    return ClassifierReward(model, device, as_logit=backend == "hf_logit")
+
+
+class VaderReward:
+    """VADER (Hutto & Gilbert 2014): a sentiment lexicon with rules for negation, intensifiers and
+    punctuation, shipped inside the vaderSentiment wheel. Score: the compound polarity in [-1, 1]."""
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts, continuations) -> list[float]:
+        return [self.analyzer.polarity_scores(text)["compound"] for text in continuations]
+
+
+class ClassifierReward:
+    """A transformers sequence-classification model (the paper's siebert/sentiment-roberta-large-
+    english; TRL's examples use lvwerra/distilbert-imdb), by hub id or local directory. Score: the
+    probability of the positive class (or its logit with as_logit). The positive class is the label
+    named like "positive"/"POS" in config.id2label, else index 1 of a two-label model."""
+
+    def __init__(self, name_or_dir, device="cpu", as_logit=False, batch_size=32):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        self.torch, self.device, self.as_logit, self.batch_size = torch, device, as_logit, batch_size
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
+        except OSError as err:  # not found, offline without a cache, no safetensors weights
+            raise ConfigError(f"reward classifier {name_or_dir!r}: {str(err).splitlines()[0]}") from err
+        if self.tokenizer.pad_token is None:  # GPT-2-style classifiers: pad with end-of-text, as TRL does
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.eos_token_id
+        self.model.to(device).eval()
+        self.positive = positive_label_index(self.model.config.id2label, name_or_dir)
+
+    def score(self, prompts, continuations) -> list[float]:
+        scores = []
+        for start in range(0, len(continuations), self.batch_size):
+            texts = list(continuations[start:start + self.batch_size])
+            inputs = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+            with self.torch.no_grad():
+                logits = self.model(**inputs).logits.float()
+            column = logits[:, self.positive] if self.as_logit else logits.softmax(-1)[:, self.positive]
+            scores += column.tolist()
+        return scores
+
+
+def positive_label_index(id2label: dict, where: str) -> int:
+    by_name = [int(i) for i, label in id2label.items() if str(label).lower() in ("positive", "pos", "label_pos")]
+    if len(by_name) == 1:
+        return by_name[0]
+    if len(id2label) == 2:
+        return 1  # LABEL_0/LABEL_1 (SST-2 and IMDb convention: 1 = positive)
+    raise ConfigError(f"reward classifier {where!r}: no positive class among its labels {dict(id2label)}")
