@@ -70,7 +70,7 @@ def sample(model, prompts, cfg, device, seed, temperature):
 
 
 @torch.no_grad()
-def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, world, device, step):
+def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, world, device):
     policy.eval()
     metrics = {}
     if eval_pairs:
@@ -90,17 +90,19 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
     if cfg.objective == "sft":  # the preference loss above is not what SFT trains: don't log it as "loss"
         metrics.pop("loss", None)
     if cfg.kl_samples > 0 and eval_pairs and (reference is not None or cfg.reward):
-        metrics |= sampled_metrics(policy, reference, distinct_prompts(eval_pairs, cfg.kl_samples), cfg, device, step)
+        metrics |= sampled_metrics(policy, reference, eval_sample_prompts(eval_pairs, cfg.kl_samples), cfg, device)
     policy.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def sampled_metrics(policy, reference, prompts, cfg, device, step):
-    """The paper's two axes (DPO Fig. 2), from one sample per held-out prompt drawn from the policy
-    itself (temperature 1, max_new_tokens long): kl, the sequence-level KL(policy || reference) =
+def sampled_metrics(policy, reference, prompts, cfg, device):
+    """The paper's two axes (DPO Fig. 2), from one sample per prompt row drawn from the policy itself
+    (temperature 1, max_new_tokens long): kl, the sequence-level KL(policy || reference) =
     E_{y ~ policy}[log policy(y|x) - log reference(y|x)] (needs a live reference), and reward, the
-    mean ground-truth reward of the same samples (with cfg.reward)."""
-    tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed + step, temperature=1.0)
+    mean ground-truth reward of the same samples (with cfg.reward). Every eval draws with the same
+    seed (common random numbers): what changes between two evals is the policy, not the sampler's
+    luck, so a run's curve is far smoother than its per-eval standard error suggests."""
+    tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed, temperature=1.0)
     metrics = {}
     if reference is not None:
         start = tokens.size(1) - cfg.max_new_tokens  # every prompt ends at column start - 1 (left-padded)
@@ -132,6 +134,13 @@ def _score(spec, prompts, continuations, device):
     if spec not in _reward_models:
         _reward_models[spec] = load_reward(spec, device=device)
     return [float(score) for score in _reward_models[spec].score(prompts, continuations)]
+
+
+def eval_sample_prompts(pairs, n):
+    """n prompt rows for the sampled metrics: the held-out prompts in turn, each repeated when there
+    are fewer than n of them (more samples per prompt, a smaller standard error)."""
+    prompts = distinct_prompts(pairs, n)
+    return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def distinct_prompts(pairs, n):

@@ -395,7 +395,7 @@ def main(argv=None, stop_requests=None):
         on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before, before_rewards)
     if step == 0 and eval_pairs:  # the starting point of the eval curves (rewards are all 0 here)
         line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                                 cfg, rank, world, device, step))
+                                                 cfg, rank, world, device))
         log(format_log_line("eval", line))
 
     log(f"training: {last_step - step} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
@@ -420,7 +420,7 @@ def main(argv=None, stop_requests=None):
             window_tokens, t_window = 0, now
         if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
             line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                                     cfg, rank, world, device, step))
+                                                     cfg, rank, world, device))
             log(format_log_line("eval", line))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
             save(cfg, state, step, steps_per_epoch, identity, device)
@@ -428,7 +428,7 @@ def main(argv=None, stop_requests=None):
             stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signum)
 
     line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                             cfg, rank, world, device, step))
+                                             cfg, rank, world, device))
     log(format_log_line("final eval", line))
     save(cfg, state, step, steps_per_epoch, identity, device)
     if sample_prompts:

@@ -5,9 +5,10 @@ policy, score them with a ground-truth reward, and write every ranked pair as JS
         --k 4 --reward vader
 
 Of each prompt's k samples, all k(k-1)/2 pairs whose scores differ are written, the higher-scored
-one as "chosen" (6 pairs per prompt for the paper's k = 4). Pairs with equal scores (identical
-samples included) are dropped and counted. This is also how to make on-policy preference data from
-your own SFT model and reward model: `--model` takes a hub id or a local directory, `--reward` any
+one as "chosen" (6 pairs per prompt for the paper's k = 4). A sample identical to an earlier one of
+its prompt is dropped first (so no pair is written twice), and so is an empty one (an immediate
+end-of-text); pairs of distinct samples with equal scores are dropped. All three are counted. This
+is also how to make on-policy preference data from your own SFT model and reward model: `--model` takes a hub id or a local directory, `--reward` any
 reward.py spec.
 
 --prompts is a JSONL file with a "prompt" string per line (a preference file's prompts are used
@@ -93,8 +94,12 @@ def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1
     best records hold each prompt's highest-scored completion as "chosen" (the preferred-FT
     baseline's data) and its lowest as "rejected"."""
     completions = sample_completions(model, prompts, k, max_new_tokens, temperature, seed, batch_size, device)
-    records, ties, best, without_pairs = [], 0, [], 0
+    records, ties, best, without_pairs, empty, repeated = [], 0, [], 0, 0, 0
     for prompt, texts in zip(prompts, completions):
+        empty += sum(1 for text in texts if not text)
+        distinct = list(dict.fromkeys(text for text in texts if text))  # an empty one has nothing to score
+        repeated += len(texts) - len(distinct) - sum(1 for text in texts if not text)
+        texts = distinct  # a repeated sample would repeat its pairs
         scores = reward.score([prompt] * len(texts), texts)
         pairs, prompt_ties = ranked_pairs(prompt, texts, scores)
         records += pairs
@@ -103,8 +108,9 @@ def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1
         if pairs:  # the best completion (and the worst, which SFT does not read) of each prompt
             order = sorted(range(len(texts)), key=scores.__getitem__)
             best.append({"prompt": prompt, "chosen": texts[order[-1]], "rejected": texts[order[0]]})
-    counts = {"prompts": len(prompts), "samples": len(prompts) * k, "pairs": len(records), "ties_dropped": ties,
-              "prompts_without_pairs": without_pairs}
+    counts = {"prompts": len(prompts), "samples": len(prompts) * k, "empty_samples_dropped": empty,
+              "repeated_samples_dropped": repeated,
+              "pairs": len(records), "ties_dropped": ties, "prompts_without_pairs": without_pairs}
     return records, counts, best
 
 

@@ -7,6 +7,7 @@ flag, before anything is written or any weights are loaded.
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 from dataclasses import dataclass, field
@@ -107,8 +108,8 @@ class TrainConfig:
                                   "tokens: 112 instead of 176 for a pair at 64 + 24)")
     # --- evaluation, samples, logging, checkpoints
     eval_every: int = option(100, "evaluate on the held-out pairs every N steps (and at the end; 0 = end only)")
-    kl_samples: int = option(16, "held-out prompts sampled (temperature 1) to estimate KL(policy || reference) at "
-                             "each eval; needs a live reference model")
+    kl_samples: int = option(16, "samples (temperature 1) from the held-out prompts, each prompt in turn, at each "
+                             "eval: eval/kl, KL(policy || reference) (needs a live reference model), and eval/reward")
     n_samples: int = option(8, "held-out prompts in the before/after sample table (samples.md)")
     reward: str = option("", "ground-truth reward of samples, logged as eval/reward and shown in samples.md: "
                          + SPEC_HELP + ", or '' for none")
@@ -211,6 +212,8 @@ def validate(cfg: TrainConfig):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
     if cfg.reward:
         check_reward_spec(cfg.reward)
+    if cfg.wandb_log and importlib.util.find_spec("wandb") is None:  # before any data is read or file written
+        raise ConfigError("--wandb_log needs Weights & Biases: pip install wandb")
     if cfg.precompute_reference and cfg.reference_free:
         raise ConfigError("precompute_reference and reference_free exclude each other")
     check_sharding(cfg)

@@ -27,8 +27,7 @@ def test_kl_estimate_is_unbiased_for_the_policy_distribution(one_process_group):
     prompts = [torch.randint(0, 50256, (4,), generator=gen).tolist() for _ in range(n_prompts)]
     pairs = [Pair(prompt, [1], [2], group_index=i, chosen_index=0, rejected_index=1) for i, prompt in enumerate(prompts)]
     cfg = TrainConfig(max_new_tokens=1, kl_samples=n_prompts, micro_batch_size=64, temperature=0.7)
-    estimate = evaluate(policy, reference, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"),
-                        step=0)["eval/kl"].item()
+    estimate = evaluate(policy, reference, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"))["eval/kl"].item()
 
     with torch.no_grad():  # exact KL and the per-sample spread, from the next-token distributions
         log_p = policy(torch.tensor(prompts))[:, -1].double().log_softmax(-1)
@@ -61,9 +60,13 @@ def test_reward_is_the_mean_over_the_kl_samples_and_kl_of_the_reference_itself_i
     prompts = [torch.randint(0, 50256, (4,), generator=gen).tolist() for _ in range(12)]
     pairs = [Pair(prompt, [1], [2], group_index=i, chosen_index=0, rejected_index=1) for i, prompt in enumerate(prompts)]
     cfg = TrainConfig(max_new_tokens=5, kl_samples=8, micro_batch_size=4, reward="recording")
-    metrics = evaluate(policy, policy, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"), step=3)
+    metrics = evaluate(policy, policy, pairs, None, cfg, rank=0, world=1, device=torch.device("cpu"))
     assert metrics["eval/kl"].item() == 0.0  # policy = reference: every log-ratio is exactly 0
     (scored_prompts, continuations), = recording.calls
     assert scored_prompts == [decode(p) for p in prompts[:8]]  # one sample per held-out prompt, kl_samples of them
+    # fewer held-out prompts than kl_samples: each prompt in turn, again
+    cfg = TrainConfig(max_new_tokens=5, kl_samples=5, micro_batch_size=4, reward="recording")
+    evaluate(policy, policy, pairs[:2], None, cfg, rank=0, world=1, device=torch.device("cpu"))
+    assert recording.calls[1][0] == [decode(p) for p in prompts[:2] * 2 + prompts[:1]]
     assert all(0 < len(text) for text in continuations)
     assert metrics["eval/reward"].item() == sum(map(len, continuations)) / 8

@@ -356,6 +356,19 @@ def test_bad_data_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag, missing, message", [
+    ("--wandb_log", "wandb", "--wandb_log needs Weights & Biases: pip install wandb"),
+    ("--reward=vader", "vaderSentiment", "reward=vader needs vaderSentiment"),
+])
+def test_a_missing_optional_package_is_refused_before_anything_is_written(tmp_path, monkeypatch, flag, missing, message):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real_find_spec(name, *a))
+    result = run_here(tmp_path / "run", flag)
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_nothing_is_unpickled_or_executed_from_files():
     """Weights are safetensors, configs yaml.safe_load, torch.load only with weights_only=True. The one
     unpickler is safe_dcp's, which resolves only an allow-list of globals, and every DCP load goes
