@@ -19,7 +19,6 @@ carries the two scores (chosen_reward, rejected_reward), which the trainer ignor
 import argparse
 import itertools
 import json
-import os
 import sys
 
 import torch
