@@ -259,6 +259,9 @@ def check_compatible(path, expected: dict, hints: dict | None = None):
         saved = json.load(f)["identity"]
     # checkpoints from before reference_precision existed kept the reference in the training precision
     saved.setdefault("reference_precision", saved.get("precision"))
+    # ... and before the SFT options existed, every run was what their defaults give
+    for key, default in (("sft_on", "chosen"), ("sft_steps", 0), ("sft_lr", 0.0)):
+        saved.setdefault(key, default)
     differs = [f"{key}: checkpoint {saved.get(key)!r} vs this run {value!r}"
                + (f" ({hints[key]})" if key in (hints or {}) else "")
                for key, value in expected.items() if saved.get(key) != value]

@@ -11,6 +11,7 @@ run_dir.py's; evaluation, samples and the precomputed reference evaluation.py's.
 Launching the same command again on an out_dir with a complete checkpoint resumes from it.
 """
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -48,7 +49,7 @@ from train_config import TrainConfig, data_options, logps_average, parse_args, s
 RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
                      "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "seed",
-                     "precision", "reference_precision", "group_order", "sft_on")
+                     "precision", "reference_precision", "group_order", "sft_on", "sft_steps", "sft_lr")
 
 
 # ----------------------------------------------------------------------------- data
@@ -300,8 +301,13 @@ def warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, 
     recipe = {"from_weights_sha256": state.weights_sha256, "data_sha256": data_sha256, "sft_steps": cfg.sft_steps,
               "sft_lr": cfg.sft_lr or cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
     if on_rank0(sft_recipe_of, device, f"read {sft_dir}/sft.json", sft_dir) != recipe:
+        on_rank0(check_no_dpo_checkpoint, device, f"look for checkpoints in {cfg.out_dir}", cfg.out_dir, sft_dir)
         sft_cfg = dataclasses.replace(cfg, objective="sft", lr=cfg.sft_lr or cfg.lr)
         responses = sft_pairs(train_pairs)
+        if len(responses) < cfg.batch_size:
+            raise ConfigError(f"sft_steps: the training pairs hold {len(responses)} distinct responses, fewer than "
+                              f"batch_size={cfg.batch_size}")
+        state.reference = state.optimizer = None  # not used by SFT: freed before it trains
         optimizer = make_optimizer(state.policy, sft_cfg)
         for step in range(cfg.sft_steps):
             step_input = assemble_step(step, responses, sft_cfg, rank, world, device)
@@ -312,8 +318,22 @@ def warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, 
                 log(f"sft step {step + 1}/{cfg.sft_steps} | loss {values['loss']:.4f} | norm {values['grad_norm']:.2f}")
         full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         on_rank0(write_sft_model, device, f"write {sft_dir}", state.config, full, sft_dir, recipe)
+        del optimizer, full
     log(f"SFT warm start: {sft_dir} is DPO's starting point and reference")
+    state.policy = state.reference = state.optimizer = None  # freed before DPO's models are built
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return build_training_state(dataclasses.replace(cfg, init_from=sft_dir), rank, device, mesh)
+
+
+def check_no_dpo_checkpoint(out_dir, sft_dir):
+    """A DPO checkpoint in out_dir was trained against out_dir/sft/ as it is: redoing the SFT stage
+    (other sft_* settings, or sft.json gone) would replace its reference under it."""
+    if checkpoint.newest_checkpoint(out_dir) is not None:
+        raise ConfigError(f"{out_dir} holds DPO checkpoints trained from {sft_dir}, whose sft.json does not match "
+                          "this run's SFT settings (sft_steps, sft_lr, batch_size, seed, data or starting weights); "
+                          "use another out_dir, or the settings of the run that made them")
 
 
 def sft_pairs(train_pairs):
@@ -337,6 +357,8 @@ def sft_recipe_of(sft_dir):
 
 
 def write_sft_model(config, state_dict, sft_dir, recipe):
+    if os.path.exists(os.path.join(sft_dir, "sft.json")):  # first: a crash below leaves no stale recipe
+        os.remove(os.path.join(sft_dir, "sft.json"))
     write_hf_checkpoint(config, state_dict, sft_dir)
     write_atomic(os.path.join(sft_dir, "sft.json"), json.dumps(recipe))  # last: the model is complete
 

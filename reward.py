@@ -67,8 +67,9 @@ class ClassifierReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.torch, self.device, self.as_logit, self.batch_size = torch, device, as_logit, batch_size
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True,
+                                                                            trust_remote_code=False)
         except OSError as err:  # not found, offline without a cache, no safetensors weights
             raise ConfigError(f"reward classifier {name_or_dir!r}: {str(err).splitlines()[0]}") from err
         if self.tokenizer.pad_token is None:  # GPT-2-style classifiers: pad with end-of-text, as TRL does

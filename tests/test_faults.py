@@ -356,6 +356,20 @@ def test_bad_data_is_refused_before_anything_is_written(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_warm_started_run_resumes_on_its_sft_model_and_never_redoes_it_under_a_checkpoint(tmp_path):
+    """The SFT stage (sft_steps) is DPO's reference: a relaunch reuses out_dir/sft/ bit for bit, and
+    a relaunch whose SFT settings differ is refused before anything is trained or overwritten."""
+    first = run_here(tmp_path, "--sft_steps=3", "--ckpt_every=2", "--max_steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    sft_weights = (tmp_path / "sft" / "model.safetensors").read_bytes()
+    resumed = run_here(tmp_path, "--sft_steps=3", "--ckpt_every=2", "--max_steps=4")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    assert "sft step" not in resumed.stdout  # the SFT stage was reused, not redone
+    changed = run_here(tmp_path, "--sft_steps=3", "--sft_lr=0.01", "--max_steps=4")
+    assert changed.returncode == 2 and "holds DPO checkpoints" in changed.stderr, changed.stderr[-2000:]
+    assert (tmp_path / "sft" / "model.safetensors").read_bytes() == sft_weights
+
+
 @pytest.mark.parametrize("flag, missing, message", [
     ("--wandb_log", "wandb", "--wandb_log needs Weights & Biases: pip install wandb"),
     ("--reward=vader", "vaderSentiment", "reward=vader needs vaderSentiment"),
