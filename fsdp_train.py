@@ -38,6 +38,7 @@ from optim import lr_at, make_optimizer
 from parallel import (BAD_INPUT, TrainingState, build_training_state, check_model_fits, on_rank0,
                       reference_precision_name, setup_distributed)
 from preemption import StopRequests
+from reward import fetch_reward
 from run_dir import (MetricsLog, check_shared_out_dir, check_writable, keep_metrics_until, lock_run_dir, unlock_run_dirs,
                      write_atomic, write_config, write_samples_before, write_samples_table)
 from train_config import TrainConfig, data_options, logps_average, parse_args, shares_prompt
@@ -381,6 +382,8 @@ def main(argv=None, stop_requests=None):
     # 10-minute timeout, so no rank waits in a collective meanwhile (the hub cache's locks let one
     # process download and the others wait for the file). Then its config.json is checked.
     check_model_fits(cfg)
+    if cfg.reward:
+        fetch_reward(cfg.reward)  # likewise the ground-truth reward's classifier, if it comes from the hub
     rank, world, device, mesh = setup_distributed(cfg)
     check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, world)
     log = log_on_rank0(rank)

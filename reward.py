@@ -15,6 +15,7 @@ from safetensors only (use_safetensors=True) and never runs code from its reposi
 one unpickles and executes nothing.
 """
 import importlib.util
+import os
 
 from errors import ConfigError
 
@@ -36,11 +37,34 @@ def check_reward_spec(spec: str):
         raise ConfigError(f"reward={spec} needs {package}: {extra}")
 
 
+CLASSIFIER_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]  # config, weights, tokenizer; no pickles
+
+
+def fetch_reward(spec: str) -> str:
+    """A classifier's local directory, downloaded into the hub cache if it is a hub id (offline mode
+    and the cache respected, as for weights). The trainer calls it on every rank before the process
+    group exists, so a bad id fails before any work and no rank waits in a collective on a download."""
+    check_reward_spec(spec)
+    backend, _, model = spec.partition(":")
+    if backend == "vader" or os.path.isdir(model):
+        return model
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path, not "org/name"
+        raise ConfigError(f"reward classifier {model!r}: no such directory (and not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(model, allow_patterns=CLASSIFIER_PATTERNS)
+    except Exception as err:  # offline without a cache, unknown or gated repo: say which and what to do
+        raise ConfigError(f"reward={spec}: could not fetch {model!r} from the Hugging Face hub ({type(err).__name__}); "
+                          f"download it once on a connected machine (hf download {model}) and set "
+                          "HF_HUB_OFFLINE=1, or pass a local directory") from err
+
+
 def load_reward(spec: str, device="cpu"):
     check_reward_spec(spec)
     backend, _, model = spec.partition(":")
     if backend == "vader":
         return VaderReward()
+    model = fetch_reward(spec)  # the cached snapshot's directory, or the directory given
     return ClassifierReward(model, device, as_logit=backend == "hf_logit")
 
 
@@ -67,9 +91,8 @@ class ClassifierReward:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         self.torch, self.device, self.as_logit, self.batch_size = torch, device, as_logit, batch_size
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True,
-                                                                            trust_remote_code=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_dir)  # transformers' default: no repository code
+            self.model = AutoModelForSequenceClassification.from_pretrained(name_or_dir, use_safetensors=True)
         except OSError as err:  # not found, offline without a cache, no safetensors weights
             raise ConfigError(f"reward classifier {name_or_dir!r}: {str(err).splitlines()[0]}") from err
         if self.tokenizer.pad_token is None:  # GPT-2-style classifiers: pad with end-of-text, as TRL does

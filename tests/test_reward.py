@@ -84,6 +84,15 @@ def test_classifier_without_a_positive_label_is_refused():
     assert reward_module.positive_label_index({0: "POSITIVE", 1: "NEGATIVE"}, "x") == 0
 
 
+def test_a_hub_classifier_that_cannot_be_fetched_is_refused_before_any_work(tmp_path, monkeypatch):
+    from test_fsdp_train import TINY, run_in_process
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    result = run_in_process([*TINY, f"--out_dir={tmp_path / 'run'}", "--reward=hf:someone/no-such-classifier"])
+    assert result.returncode == 2 and "could not fetch 'someone/no-such-classifier'" in result.stderr, result.stderr
+    assert "HF_HUB_OFFLINE=1" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_a_missing_classifier_is_one_line_naming_it(tmp_path):
     with pytest.raises(ConfigError, match="reward classifier .*nothing_here"):
         reward_module.load_reward(f"hf:{tmp_path / 'nothing_here'}")
