@@ -27,9 +27,10 @@ import yaml
 
 import fsdp_train
 from data.demo import demo_texts
-from errors import ConfigError, InputError
+from errors import ConfigError
 from generate_pairs import generate_pairs, read_prompts, write_jsonl
-from gpt2 import GPT, WeightsError
+from gpt2 import GPT
+from parallel import BAD_INPUT
 from reward import check_reward_spec, load_reward
 from run_dir import write_atomic
 
@@ -150,6 +151,10 @@ def frontier(runs) -> dict:
     return result
 
 
+def run_label(run) -> str:
+    return f"DPO β={run['beta']:g}" if run["method"] == "dpo" else "Preferred-FT"
+
+
 def plot(result, path):
     try:
         import matplotlib
@@ -159,9 +164,8 @@ def plot(result, path):
         return "matplotlib is not installed (pip install -e \".[plot]\"): frontier.png not drawn"
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for run in result["runs"]:
-        label = f"DPO β={run['beta']:g}" if run["method"] == "dpo" else "Preferred-FT"
         points = sorted(run["points"], key=lambda p: p["kl"])
-        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", ms=3, label=label)
+        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", ms=3, label=run_label(run))
     if result["reference"] is not None:
         ax.axhline(result["reference"]["reward"], color="gray", ls="--", lw=1, label="SFT (reference)")
     ax.set_xlabel("KL(π || π_ref), sequence level")
@@ -198,9 +202,8 @@ def summary(result) -> str:
     lines = [f"reference (SFT) reward {result['reference']['reward']:.3f}" if result["reference"] else "",
              "| run | final step | KL | reward | best reward (at KL) |", "| --- | --- | --- | --- | --- |"]
     for run in result["runs"]:
-        name = f"DPO β={run['beta']:g}" if run["method"] == "dpo" else "Preferred-FT"
         last, best = run["points"][-1], max(run["points"], key=lambda q: q["reward"])
-        lines.append(f"| {name} | {last['step']} | {last['kl']:.2f} | {last['reward']:.3f} | "
+        lines.append(f"| {run_label(run)} | {last['step']} | {last['kl']:.2f} | {last['reward']:.3f} | "
                      f"{best['reward']:.3f} ({best['kl']:.2f}) |")
     return "\n".join(lines)
 
@@ -208,6 +211,6 @@ def summary(result) -> str:
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, WeightsError) as err:
+    except BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -34,7 +34,7 @@ from errors import ConfigError, Preempted, TrainingStopped
 from evaluation import evaluate, precompute_reference_logps, sample_texts
 from export import training_command, write_export
 from gpt2 import write_hf_checkpoint
-from optim import lr_at, make_optimizer
+from optim import lr_at
 from parallel import (BAD_INPUT, TrainingState, build_training_state, check_model_fits, on_rank0,
                       reference_precision_name, setup_distributed)
 from preemption import StopRequests
@@ -292,12 +292,13 @@ def stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signu
 
 # ----------------------------------------------------------------------------- the SFT warm start
 
-def warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, log) -> TrainingState:
+def warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log) -> TrainingState:
     """The paper's first stage in the same run (sft_steps): SFT of the starting weights on every
     response of the training pairs, preferred or not (the data's language, no preference), exported
     to out_dir/sft/; DPO then starts from it, and it is DPO's frozen reference. A relaunch reuses
     out_dir/sft/ when its sft.json matches, so a resumed DPO run keeps the same reference; an SFT
     stage cut short is redone from the start (it has no checkpoints of its own)."""
+    state = build_training_state(dataclasses.replace(cfg, reference_free=True), rank, device, mesh)  # SFT needs none
     sft_dir = os.path.join(cfg.out_dir, "sft")
     recipe = {"from_weights_sha256": state.weights_sha256, "data_sha256": data_sha256, "sft_steps": cfg.sft_steps,
               "sft_lr": cfg.sft_lr or cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
@@ -308,20 +309,18 @@ def warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, 
         if len(responses) < cfg.batch_size:
             raise ConfigError(f"sft_steps: the training pairs hold {len(responses)} distinct responses, fewer than "
                               f"batch_size={cfg.batch_size}")
-        state.reference = state.optimizer = None  # not used by SFT: freed before it trains
-        optimizer = make_optimizer(state.policy, sft_cfg)
-        for step in range(cfg.sft_steps):
+        for step in range(cfg.sft_steps):  # state's AdamW: train_step sets each step's lr (sft_lr's schedule)
             step_input = assemble_step(step, responses, sft_cfg, rank, world, device)
-            metrics, grad_norm, _ = train_step(state.policy, None, optimizer, step_input.micro_batches, sft_cfg,
+            metrics, grad_norm, _ = train_step(state.policy, None, state.optimizer, step_input.micro_batches, sft_cfg,
                                                lr_at(step, cfg.sft_steps, sft_cfg), state.scaler)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.sft_steps:
                 values, _ = reduce_across_ranks(metrics, grad_norm, 0, world, device)
                 log(f"sft step {step + 1}/{cfg.sft_steps} | loss {values['loss']:.4f} | norm {values['grad_norm']:.2f}")
         full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         on_rank0(write_sft_model, device, f"write {sft_dir}", state.config, full, sft_dir, recipe)
-        del optimizer, full
+        del full
     log(f"SFT warm start: {sft_dir} is DPO's starting point and reference")
-    state.policy = state.reference = state.optimizer = None  # freed before DPO's models are built
+    state.policy = state.optimizer = None  # freed before DPO's models are built
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -392,9 +391,10 @@ def main(argv=None, stop_requests=None):
     check_shared_out_dir(cfg.out_dir, device)
     log(f"data: {json.dumps(counts)}")
 
-    state = build_training_state(cfg, rank, device, mesh)
     if cfg.sft_steps and cfg.objective == "dpo":
-        state = warm_start(cfg, state, train_pairs, data_sha256, rank, world, device, mesh, log)
+        state = warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log)
+    else:
+        state = build_training_state(cfg, rank, device, mesh)
     log(f"model: {state.policy.num_params() / 1e6:.1f}M parameters, {world} rank(s), sharding={cfg.sharding}, "
         f"precision={cfg.precision}, device={device.type}"
         + (f", reference in {reference_precision_name(cfg)}"

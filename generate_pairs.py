@@ -23,12 +23,13 @@ import sys
 
 import torch
 
-from data.batches import left_pad
-from data.tokenizer import EOT_ID, decode, encode
+from data.tokenizer import decode
 from errors import DataError, InputError
-from gpt2 import GPT, WeightsError
+from gpt2 import GPT
+from parallel import BAD_INPUT
 from reward import SPEC_HELP, load_reward
 from run_dir import write_atomic
+from sample import continuations
 
 
 def read_prompts(path) -> list[str]:
@@ -61,16 +62,13 @@ def read_prompts(path) -> list[str]:
 @torch.no_grad()
 def sample_completions(model, prompts, k, max_new_tokens, temperature, seed, batch_size, device) -> list[list[str]]:
     """k continuations of each prompt (text, cut at the first <|endoftext|>), sampled in batches of
-    batch_size rows with the KV cache; rows are the prompts repeated k times, so one seed fixes all."""
-    rows = [encode(prompt) for prompt in prompts for _ in range(k)]
+    batch_size rows with the KV cache; rows are the prompts repeated k times, and one generator
+    runs through all batches, so one seed fixes all."""
+    rows = [prompt for prompt in prompts for _ in range(k)]
     generator = torch.Generator(device=device).manual_seed(seed)
-    texts = []
-    for start in range(0, len(rows), batch_size):
-        input_ids, mask = (t.to(device) for t in left_pad(rows[start:start + batch_size]))
-        tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                temperature=temperature, generator=generator)
-        for row in tokens[:, input_ids.size(1):].tolist():
-            texts.append(decode(row[:row.index(EOT_ID)] if EOT_ID in row else row))
+    texts = [decode(ids) for start in range(0, len(rows), batch_size)
+             for ids in continuations(model, rows[start:start + batch_size], max_new_tokens, temperature,
+                                      device=device, generator=generator)]
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
@@ -156,6 +154,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, WeightsError) as err:
+    except BAD_INPUT as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -12,11 +12,13 @@ from data.tokenizer import decode, encode, EOT_ID
 from gpt2 import GPT
 
 
-def continuations(model, prompts, max_new_tokens, temperature, top_k=None, top_p=None, seed=0, device="cpu"):
-    """The new token ids of each prompt's continuation, up to (not including) <|endoftext|>."""
+def continuations(model, prompts, max_new_tokens, temperature, top_k=None, top_p=None, seed=0, device="cpu",
+                  generator=None):
+    """The new token ids of each prompt's continuation, up to (not including) <|endoftext|>. The
+    draws come from `generator` when given (one stream over several batches), else from `seed`."""
     input_ids, mask = (t.to(device) for t in left_pad([encode(p) for p in prompts]))
     T = input_ids.size(1)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = generator or torch.Generator(device=device).manual_seed(seed)
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, generator=generator)
     rows = out[:, T:].tolist()
