@@ -50,7 +50,7 @@ from train_config import TrainConfig, data_options, logps_average, parse_args, s
 RUN_IDENTITY_KEYS = ("init_from", "n_layer", "n_head", "n_embd", "n_positions", "eval_fraction", "objective", "loss_type",
                      "beta", "label_smoothing", "reference_free", "logps", "lr", "weight_decay", "adam_beta1",
                      "adam_beta2", "warmup_steps", "lr_schedule", "grad_clip", "batch_size", "seed",
-                     "precision", "reference_precision", "group_order", "sft_on", "sft_steps", "sft_lr")
+                     "precision", "reference_precision", "lm_head_precision", "group_order", "sft_on", "sft_steps", "sft_lr")
 
 
 # ----------------------------------------------------------------------------- data
@@ -93,13 +93,16 @@ def batch_loss(policy, reference, batch: PairBatch | PackedBatch, cfg, reference
     return losses.mean(), metrics
 
 
-def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, reference_logps=None):
-    """One optimizer step over this rank's micro-batches. Returns (metrics, grad_norm, applied).
-    reference_logps: None, or one precomputed (B, 2) tensor per micro-batch.
+def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, reference_logps=None,
+               stop_requests=None):
+    """One optimizer step over this rank's micro-batches. Returns (metrics, grad_norm, applied,
+    stop_signal). reference_logps: None, or one precomputed (B, 2) tensor per micro-batch.
 
     Each micro-batch's loss is divided by their number, so the gradient is the mean over the rank's
     pairs; FSDP's reduce-scatter then averages over ranks: the mean over the global batch. A step
-    whose loss or global gradient norm is not finite is not applied.
+    whose loss or global gradient norm is not finite is not applied. stop_signal: the SIGTERM/SIGINT
+    that any rank's stop_requests received before this step's check (0: none), agreed by every rank
+    in the same all-reduce as the finite check: one host sync per step.
     """
     n_micro = len(micro_batches)
     summed = {}
@@ -120,16 +123,19 @@ def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, ref
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     # Every rank must take the same branch: the norm is global already, each rank's loss is not.
-    finite_flag = (torch.isfinite(grad_norm) & torch.isfinite(summed["loss"])).float().reshape(1)
-    dist.all_reduce(finite_flag, op=dist.ReduceOp.MIN)
-    finite = bool(finite_flag.item())  # one host sync per step
+    not_finite = ~(torch.isfinite(grad_norm) & torch.isfinite(summed["loss"]))
+    local_signal = stop_requests.local_signal() if stop_requests is not None else 0.0
+    flags = torch.stack([not_finite.float().reshape(()), torch.full((), local_signal, device=not_finite.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    any_not_finite, stop_signal = flags.tolist()  # the step's one host sync
+    finite = not any_not_finite
     if finite:
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scaler.update(finite)
-    return summed, grad_norm, finite
+    return summed, grad_norm, finite, int(stop_signal)
 
 
 # ----------------------------------------------------------------------------- one step's micro-batches
@@ -311,8 +317,8 @@ def warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log) ->
                               f"batch_size={cfg.batch_size}")
         for step in range(cfg.sft_steps):  # state's AdamW: train_step sets each step's lr (sft_lr's schedule)
             step_input = assemble_step(step, responses, sft_cfg, rank, world, device)
-            metrics, grad_norm, _ = train_step(state.policy, None, state.optimizer, step_input.micro_batches, sft_cfg,
-                                               lr_at(step, cfg.sft_steps, sft_cfg), state.scaler)
+            metrics, grad_norm, _, _ = train_step(state.policy, None, state.optimizer, step_input.micro_batches,
+                                                  sft_cfg, lr_at(step, cfg.sft_steps, sft_cfg), state.scaler)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.sft_steps:
                 values, _ = reduce_across_ranks(metrics, grad_norm, 0, world, device)
                 log(f"sft step {step + 1}/{cfg.sft_steps} | loss {values['loss']:.4f} | norm {values['grad_norm']:.2f}")
@@ -428,9 +434,9 @@ def main(argv=None, stop_requests=None):
     while step < last_step:
         step_input = assemble_step(step, train_pairs, cfg, rank, world, device, reference_logps)
         window_tokens += step_input.n_tokens
-        metrics, grad_norm, applied = train_step(state.policy, state.reference, state.optimizer,
-                                                 step_input.micro_batches, cfg, lr_at(step, total_steps, cfg),
-                                                 state.scaler, step_input.reference_logps)
+        metrics, grad_norm, applied, stop_signal = train_step(
+            state.policy, state.reference, state.optimizer, step_input.micro_batches, cfg,
+            lr_at(step, total_steps, cfg), state.scaler, step_input.reference_logps, stop_requests)
         if not applied:
             bad_steps = count_bad_step(step, metrics, grad_norm, step_input, state.scaler, bad_steps, cfg, log)
         step += 1
@@ -449,8 +455,8 @@ def main(argv=None, stop_requests=None):
             log(format_log_line("eval", line))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
             save(cfg, state, step, steps_per_epoch, identity, device)
-        if step != last_step and (signum := stop_requests.agreed(device)):
-            stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signum)
+        if step != last_step and stop_signal:  # received before this step's check, on any rank
+            stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, stop_signal)
 
     line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
                                              cfg, rank, world, device))

@@ -150,6 +150,48 @@ def avoid_cudnn_attention():
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+# ----------------------------------------------------------------------------- the scored rows' LM head
+
+HEAD_PRECISIONS = ("bf16_in_fp32_out", "fp32")
+
+
+def scored_logits(x, weight, precision: str = "fp32"):
+    """(N, C) hidden states and the (V, C) head in bf16 (or fp16) -> (N, V) fp32 logits.
+
+    Under mixed precision x and weight hold bf16 values, so both choices multiply the same numbers
+    exactly and accumulate in fp32; they differ in speed and summation order, not in what is
+    rounded (bench/head_precision.py measures the error, bench/gpu_probe.py the speed):
+      bf16_in_fp32_out  a bf16 tensor-core GEMM that writes fp32 (torch.mm's out_dtype, CUDA);
+                        on CPU an fp32 GEMM, which gives the same products
+      fp32              an fp32 GEMM: on an H100/H200 ~67 TFLOP/s against ~990 for bf16
+    (TF32 would also be exact on bf16 values, at half bf16's rate; it is a process-wide flag, so
+    the trainer does not offer it.) In backward, bf16_in_fp32_out rounds the logits' fp32 gradient
+    to the inputs' dtype, as every bf16 layer's gradient is; fp32 keeps it in fp32.
+    """
+    if precision not in HEAD_PRECISIONS:
+        raise ValueError(f"head precision {precision!r} is not one of {HEAD_PRECISIONS}")
+    if precision == "bf16_in_fp32_out":
+        return Bf16InFp32Out.apply(x, weight)
+    return F.linear(x.float(), weight.float())
+
+
+class Bf16InFp32Out(torch.autograd.Function):
+    """x @ weight.T with low-precision inputs and an fp32 output, and its gradients."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        if x.is_cuda:
+            return torch.mm(x, weight.t(), out_dtype=torch.float32)  # (N, V) fp32
+        return x.float() @ weight.float().t()  # no CPU kernel for out_dtype: the same products in fp32
+
+    @staticmethod
+    def backward(ctx, grad_logits):  # (N, V) fp32
+        x, weight = ctx.saved_tensors
+        grad = grad_logits.to(x.dtype)
+        return grad @ weight, grad.t() @ x  # (N, C), (V, C)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -211,6 +253,9 @@ class GPT(nn.Module):
     No dropout: DPO compares log-probs of the policy and the reference on the same tokens, and
     the DPO authors train with dropout off; with it on, the ratio would be noise at step 0.
     """
+
+    head_precision = "fp32"  # how the scored rows' fp32 logits are computed under bf16 (scored_logits); the
+    #                          trainer sets its lm_head_precision here
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -291,8 +336,8 @@ class GPT(nn.Module):
             return x  # (B, T, C)
         if keep is not None and x.dtype in (torch.bfloat16, torch.float16):
             # The scored rows' logits in fp32: in bf16 a logit of 32-64 is rounded to a multiple of 0.25
-            # before the log-softmax. Only N rows, so the fp32 matmul costs ~0.3% of a DPO step at gpt2-xl.
-            return F.linear(x.float(), self.lm_head.weight.float())  # (N, V) fp32
+            # before the log-softmax. How the fp32 logits are computed: self.head_precision.
+            return scored_logits(x, self.lm_head.weight, self.head_precision)  # (N, V) fp32
         return self.lm_head(x)  # logits (B, T, V) or (N, V)
 
     # ------------------------------------------------------------------------- sampling

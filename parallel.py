@@ -156,7 +156,11 @@ def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:
     weights' fingerprint (both are sent to the other ranks)."""
     if cfg.init_from == "scratch":
         config = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, n_positions=cfg.n_positions)
-        state_dict.update(GPT(config).init_weights(seed=cfg.seed).state_dict())
+        with torch.device("meta"):  # initialised once, by init_weights (not first by nn.Linear's defaults)
+            model = GPT(config)
+        model.to_empty(device="cpu")
+        model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them; tie again
+        state_dict.update(model.init_weights(seed=cfg.seed).state_dict())
     else:
         path = resolve_checkpoint_dir(cfg.init_from)
         config = read_hf_config(path)
@@ -187,6 +191,7 @@ def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
     compute_dtype = DTYPES[cfg.precision] if trainable else DTYPES[reference_precision_name(cfg)]
     with torch.device("meta"):  # no memory until the weights arrive
         model = GPT(config)
+    model.head_precision = cfg.lm_head_precision
     if not trainable:
         model = model.to(compute_dtype).requires_grad_(False)
     if mesh is None:  # one process, no FSDP: load, then wrap (checkpointing renames the blocks' keys)

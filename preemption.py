@@ -3,8 +3,10 @@ SIGINT (Ctrl-C) lets every rank finish the current step, save a checkpoint toget
 second signal exits at once.
 
 A signal may reach some ranks and not others, or reach them during different steps, so the ranks
-agree after every step (one all-reduce of one number) before anyone stops: all stop after the same
-step, and all take part in the save.
+agree on it once per step before anyone stops: all stop after the same step, and all take part in
+the save. The training step carries the agreement in the all-reduce it does anyway (whether the
+step's loss and gradient are finite: fsdp_train.train_step), so a step has one collective that
+waits for the host, not two; agreed() is the same agreement on its own, for work outside steps.
 """
 import signal
 import sys
@@ -42,8 +44,12 @@ class StopRequests:
         print(f"received {signal.Signals(signum).name}: finishing this step, then saving a checkpoint and exiting "
               "(send it again to exit at once)", file=sys.stderr, flush=True)
 
+    def local_signal(self) -> float:
+        """This rank's part of the agreement: the signal number it received, or 0."""
+        return float(self.received or 0)
+
     def agreed(self, device) -> int:
         """Collective, once per step: the signal number if any rank received one, else 0."""
-        received = torch.tensor([float(self.received or 0)], device=device)
+        received = torch.tensor([self.local_signal()], device=device)
         dist.all_reduce(received, op=dist.ReduceOp.MAX)
         return int(received.item())

@@ -18,7 +18,7 @@ from data.batches import check_batch_sizes, check_eval_fraction, check_lengths
 from data.formats import HUB_FORMATS, KINDS
 from dpo import LOSS_TYPES, check_loss_settings
 from errors import ConfigError
-from gpt2 import GPTConfig
+from gpt2 import HEAD_PRECISIONS, GPTConfig
 from reward import SPEC_HELP, check_reward_spec
 
 
@@ -96,6 +96,9 @@ class TrainConfig:
                                       "where bf16 matmuls are fast (GPUs; CPUs with AMX), its forward time; its "
                                       "log-probs then carry bf16 rounding (about 0.05 nats per 24-token response "
                                       "at gpt2's shape), so the implicit rewards at step 0 are not exactly 0")
+    lm_head_precision: str = option("bf16_in_fp32_out", "under bf16/fp16, how the fp32 logits of the scored rows "
+                                    "are computed: bf16_in_fp32_out (a bf16 GEMM writing fp32; the same products as "
+                                    "fp32, ~15x its speed on an H100) or fp32 (an fp32 GEMM); see gpt2.scored_logits")
     sharding: str = option("full", "full: FSDP over all ranks; hybrid: shard within a node, replicate across "
                            "nodes (HSDP); none: no FSDP (one process only)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)")
@@ -125,6 +128,7 @@ CHOICES = {
     "logps": ("auto", "sum", "mean"), "sft_on": ("chosen", "all"), "lr_schedule": ("constant", "cosine"),
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
     "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
+    "lm_head_precision": HEAD_PRECISIONS,
 }
 MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offsets per-eval sampling seeds
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",

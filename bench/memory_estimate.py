@@ -160,7 +160,7 @@ def worst_micro_batch(cfg, micro_batch_size: int, pairs_per_prompt: int, vocab_s
 
 # ----------------------------------------------------------------------------- activations, measured
 
-def saved_tensor_bytes(config: GPTConfig, dtype, batch, checkpointing: bool) -> int:
+def saved_tensor_bytes(config: GPTConfig, dtype, batch, checkpointing: bool, head_precision: str = "fp32") -> int:
     """Bytes that one policy forward (dpo.concatenated_logps) saves for backward: unique storages seen
     by saved_tensors_hooks, parameters left out. Then the backward runs, so the graph is a real one.
 
@@ -171,6 +171,7 @@ def saved_tensor_bytes(config: GPTConfig, dtype, batch, checkpointing: bool) -> 
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them
     model.init_weights(seed=0)
+    model.head_precision = head_precision  # as parallel.build_model sets it: fp32 saves an fp32 copy of the head
     model = parallel.parallelize(model, dataclasses.replace(train_config.TrainConfig(), compile=False,
                                                             activation_checkpointing=checkpointing),
                                  None, dtype, trainable=True)
@@ -197,12 +198,11 @@ def measure_activations(cfg, config: GPTConfig, pairs_per_prompt: int, checkpoin
     two_blocks = dataclasses.replace(config, n_layer=2)
     one_unit = collate(unit_pairs(cfg, 1, pairs_per_prompt, config.vocab_size), share_prompt=cfg.prefix_sharing)
     two_units = collate(unit_pairs(cfg, 2, pairs_per_prompt, config.vocab_size), share_prompt=cfg.prefix_sharing)
-    m11 = saved_tensor_bytes(one_block, dtype, one_unit, checkpointing)
-    m12 = saved_tensor_bytes(one_block, dtype, two_units, checkpointing)
-    m21 = saved_tensor_bytes(two_blocks, dtype, one_unit, checkpointing)
+    m11, m12, m21 = (saved_tensor_bytes(shape, dtype, batch, checkpointing, cfg.lm_head_precision)
+                     for shape, batch in ((one_block, one_unit), (one_block, two_units), (two_blocks, one_unit)))
     first = m12 - m11
     return {"checkpointing": checkpointing, "dtype": str(dtype).removeprefix("torch."),
-            "fixed_bytes": m11 - first,  # bf16/fp16: the LM head weight's fp32 copy (gpt2.py's fp32 logits)
+            "fixed_bytes": m11 - first,  # lm_head_precision=fp32 under bf16/fp16: the head weight's fp32 copy
             "first_block_bytes_per_unit": first, "per_block_bytes_per_unit": m21 - m11,
             "unit_positions": one_unit.input_ids.numel(), "unit_head_rows": one_unit.target_ids.numel()}
 
@@ -221,8 +221,8 @@ def transient_bytes(measured: dict, no_checkpointing: dict, config: GPTConfig, u
     head_rows = units * measured["unit_head_rows"]
     n_root = V * d + config.n_positions * d + 2 * d  # wte (tied to the head), wpe, ln_f
     block = units * no_checkpointing["per_block_bytes_per_unit"]  # one block's working set, as much as it saves
-    # its fp32 logits (N, V), the head weight's fp32 copy (V, d) unless it is fp32 already, its
-    # all-gathered root and blocks, one block's working set
+    # its fp32 logits (N, V), the head weight's fp32 copy (V, d) unless it is fp32 already (counted for
+    # bf16_in_fp32_out too: made on CPU, not on CUDA), its all-gathered root and blocks, one block's working set
     head_copy = 4 * V * d if compute_bytes < 4 else 0
     reference_forward = 4 * head_rows * V + head_copy + reference_unsharded_bytes + block
     # the logits' fp32 gradient (N, V); then one chunk of fp32 softmax, or after it the fp32 gradient of
@@ -277,7 +277,7 @@ def micro_batch_sizes(batch_size: int, world_size: int) -> list[int]:
 
 def estimate_config(path: str, args) -> dict:
     """The whole estimate for one config file: the measurements, a row per (micro-batch, checkpointing)."""
-    cfg = train_config.parse_args(["--config_file", path])
+    cfg = train_config.parse_args(["--config_file", path, "--reward="])  # samples are not estimated: no reward package
     if cfg.objective != "dpo":
         raise SystemExit(f"memory_estimate: {path}: objective={cfg.objective}; this estimates DPO steps only")
     if cfg.batch_size % args.world_size:
@@ -411,7 +411,7 @@ def print_estimate(result: dict):
 def check_on_cpu(result: dict):
     """The chosen setting's estimate beside the tracked peak of the trainer's own step on CPU."""
     choice = result["choice"]
-    cfg = train_config.parse_args(["--config_file", os.path.join(ROOT, result["config"]),
+    cfg = train_config.parse_args(["--config_file", os.path.join(ROOT, result["config"]), "--reward=",
                                    f"--activation_checkpointing={choice['activation_checkpointing']}"])
     start = time.perf_counter()
     tracked = tracked_step_peak_bytes(cfg, model_shape(cfg), result["pairs_per_prompt"], choice["micro_batch_size"],

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from run_dir import write_atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -89,8 +91,10 @@ def git_state():
         return None, None
 
 
-def write_results(args, rows, defaults):
-    """Print the table and write the results JSON; `defaults` (the options' defaults) name the file."""
+def write_results(args, rows, defaults, complete=True):
+    """Print the table and write the results JSON; `defaults` (the options' defaults) name the file.
+    complete=False: the rows so far, written without the table while the run goes on (each file is
+    replaced whole, so a kill never leaves half a file)."""
     try:
         from transformers import __version__ as transformers_version
     except ImportError:  # ours alone needs no transformers
@@ -131,9 +135,10 @@ def write_results(args, rows, defaults):
                "flop_formula": "policy S*T*(6N+12LTd)+6(M+dV)H, reference S*T*(2N+4LTd)+2(M+dV)H; S rows of T "
                                "positions, H LM-head rows, M the last block's ln_2+MLP and ln_f (run at the H "
                                "rows only) (see bench/throughput.py docstring and bench/NOTES.md)",
-               "rows": rows}
+               "complete": complete, "rows": rows}
     results["ratios"] = ratios(ok, args.fsdp_memory)
-    print_table(results)
+    if complete:
+        print_table(results)
     device_slug = "cpu" if args.device == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     tags = "".join(t for t, on in (
         ("-fsdp_memory", args.fsdp_memory), (f"-world{args.world}", args.world > 1),
@@ -149,7 +154,7 @@ def write_results(args, rows, defaults):
     paths += [args.json] if args.json else []
     for path in paths:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {path}")
+        write_atomic(path, json.dumps(results, indent=2))
+        if complete:
+            print(f"wrote {path}")
     return 0 if len(ok) == len(rows) else 1

@@ -11,7 +11,11 @@ AdamW step. "ours" calls the trainer's own functions (parallel.build_training_st
 fsdp_train.train_step); "transformers" is the same DPO step written the straightforward way with
 GPT2LMHeadModel. Both get the same pairs (ours in the layout its trainer uses), random init at the
 real shapes, no download.
-As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory.
+As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory,
+under --worker_timeout; each row is printed and the JSON files rewritten (whole, by rename) as soon
+as it is measured, so a run that is killed leaves every finished row behind ("complete": false).
+Both workers switch cuDNN attention off before building anything (gpt2.avoid_cudnn_attention), so
+the two steps run with the same attention kernels.
 
 FLOPs per step (model FLOPs: recomputation from activation checkpointing is not counted), for
 S rows of T positions as the model runs them, L layers, width d, vocab V, H = LM-head rows,
@@ -33,6 +37,7 @@ tokens/s always counts 2B * (P + R) tokens per step, however they are laid out. 
 """
 import argparse
 import contextlib
+import copy
 import gc
 import hashlib
 import json
@@ -55,7 +60,7 @@ import fsdp_train  # noqa: E402
 import parallel  # noqa: E402
 from data.batches import Pair, collate, collate_pairs  # noqa: E402
 from optim import lr_at  # noqa: E402
-from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig  # noqa: E402
+from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig, avoid_cudnn_attention  # noqa: E402
 from train_config import TrainConfig  # noqa: E402
 from bench.report import write_results  # noqa: E402
 
@@ -112,6 +117,9 @@ def build_parser():
                    help="--fsdp_memory as a plain python: torchrun each of these; on cuda, world sizes above "
                         "torch.cuda.device_count() are skipped (with a note)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per process; 0 = cores / local ranks")
+    p.add_argument("--worker_timeout", type=float, default=900,
+                   help="seconds one (size, impl) subprocess may take, set-up included; past it, it is killed "
+                        "and its row records the timeout")
     p.add_argument("--seed", type=int, default=0, help="seed of the random pairs and of the models' initialisation")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"),
@@ -316,7 +324,7 @@ def build_ours(args, size, rank, device, mesh):
     lr = lr_at(0, 1, cfg)
 
     def step(batch):
-        metrics, _, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch], cfg, lr,
+        metrics, _, _, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch], cfg, lr,
                                               state.scaler)
         return metrics["loss"]
     return step, state.policy, state.reference, state.optimizer
@@ -330,9 +338,9 @@ def build_transformers(args, size, device):
                            vocab_size=shape.vocab_size, n_positions=shape.n_positions, resid_pdrop=0.0,
                            embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation="sdpa")
     torch.manual_seed(args.seed)
-    policy = GPT2LMHeadModel(hf_config).to(device).train()
-    torch.manual_seed(args.seed)  # the same init: the reference starts equal to the policy
-    reference = GPT2LMHeadModel(hf_config).to(device).eval().requires_grad_(False)
+    with torch.device(device):  # initialised where it runs, once
+        policy = GPT2LMHeadModel(hf_config).train()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)  # the reference starts equal to the policy
     if args.activation_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -451,6 +459,7 @@ def device_name(device):
 def run_worker(args):
     """Subprocess: one (size, impl) in a fresh process; writes its row as JSON."""
     set_threads(args)
+    avoid_cudnn_attention()  # process-wide, before either impl builds or times anything
     size, impl = args._worker.split(":")
     device, mesh, rank = torch.device(args.device), None, 0
     if impl == "transformers":  # imported before the baseline RSS is read, as fsdp_train is for ours
@@ -466,27 +475,46 @@ def run_worker(args):
         json.dump(row, f)
 
 
-def run_in_subprocesses(args):
-    """Plain python: every (size, impl) in its own process, so each gets its own peak memory."""
+def run_in_subprocesses(args, defaults):
+    """Plain python: every (size, impl) in its own process, so each gets its own peak memory. After
+    each, its row is printed and the results so far written."""
     rows = []
     for size in args.sizes:
         for impl in args.impls:
-            with tempfile.TemporaryDirectory() as tmp:
-                out = os.path.join(tmp, "row.json")
-                command = [sys.executable, os.path.abspath(__file__), *args.argv, f"--_worker={size}:{impl}",
-                           f"--_worker_out={out}"]
-                print(f"running {size} {impl} ...", flush=True)
-                result = subprocess.run(command, capture_output=True, text=True)
-                if result.returncode == 0 and os.path.exists(out):
-                    with open(out) as f:
-                        rows.append(json.load(f))
-                else:
-                    tail = (result.stdout + result.stderr)[-2000:]
-                    print(f"{size} {impl} failed (exit {result.returncode}):\n{tail}", file=sys.stderr)
-                    rows.append({"size": size, "impl": impl, "error": tail, "tokens_per_s": None,
-                                 "step_ms_median": None, "peak_mem_bytes": None,
-                                 "mfu_vs_measured_matmul_peak": None, "mfu_vs_datasheet_peak": None})
+            print(f"running {size} {impl} ...", flush=True)
+            rows.append(run_one_worker(args, size, impl))
+            print(row_line(rows[-1]), flush=True)
+            write_results(args, rows, defaults, complete=False)
     return rows
+
+
+def run_one_worker(args, size, impl):
+    """One (size, impl) in a fresh process under --worker_timeout: its row, or a row naming the failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        command = [sys.executable, os.path.abspath(__file__), *args.argv, f"--_worker={size}:{impl}",
+                   f"--_worker_out={out}"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=args.worker_timeout)
+        except subprocess.TimeoutExpired as err:  # run() has killed it
+            output = (err.stdout or b"").decode(errors="replace") + (err.stderr or b"").decode(errors="replace")
+            error = f"timed out after {args.worker_timeout:g} s (--worker_timeout)\n{output[-2000:]}"
+        else:
+            if result.returncode == 0 and os.path.exists(out):
+                with open(out) as f:
+                    return json.load(f)
+            error = f"exit {result.returncode}\n{(result.stdout + result.stderr)[-2000:]}"
+    print(f"{size} {impl} failed: {error}", file=sys.stderr)
+    return {"size": size, "impl": impl, "error": error, "tokens_per_s": None, "step_ms_median": None,
+            "peak_mem_bytes": None, "mfu_vs_measured_matmul_peak": None, "mfu_vs_datasheet_peak": None}
+
+
+def row_line(row):
+    """One printed line per measured row, as it arrives."""
+    if row.get("error"):
+        return f"{row['size']} {row['impl']}: failed ({row['error'].splitlines()[0]})"
+    return (f"{row['size']} {row['impl']}: {row['tokens_per_s']:,.1f} tokens/s, step {row['step_ms_median']:.1f} ms "
+            f"(median), peak memory {row['peak_mem_bytes'] / 2**30:.2f} GiB")
 
 
 def run_distributed(args):
@@ -551,7 +579,8 @@ def main(argv=None):
         return write_results(args, rows, parse_args(["--device", args.device]))
     if args.fsdp_memory:
         return write_results(args, run_fsdp_worlds(args), parse_args(["--device", args.device]))
-    return write_results(args, run_in_subprocesses(args), parse_args(["--device", args.device]))
+    defaults = parse_args(["--device", args.device])
+    return write_results(args, run_in_subprocesses(args, defaults), defaults)
 
 
 if __name__ == "__main__":

@@ -142,10 +142,15 @@ def rank_slice(items: list, rank: int, world_size: int) -> list:
 
 class _Tensors:
     def to(self, device):
-        """The same batch with every tensor on `device` (other fields as they are)."""
-        return type(self)(**{f.name: (getattr(self, f.name).to(device, non_blocking=True)
-                                      if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
-                             for f in fields(self)})
+        """The same batch with every tensor on `device` (other fields as they are). To a GPU from pinned
+        memory without waiting: a copy from pageable memory would make the host wait for it, each step."""
+        device = torch.device(device)
+
+        def moved(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return (t.pin_memory() if device.type == "cuda" and not t.is_cuda else t).to(device, non_blocking=True)
+        return type(self)(**{f.name: moved(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass

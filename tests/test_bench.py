@@ -8,8 +8,11 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -38,11 +41,11 @@ def load_bench():
     return module
 
 
-def run_script(tmp_path, *extra):
+def run_script(tmp_path, *extra, expect_failure=False):
     result = subprocess.run([sys.executable, str(SCRIPT), *TINY, f"--results_dir={tmp_path}",
                              f"--json={tmp_path / 'out.json'}", *extra],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == (1 if expect_failure else 0), result.stdout[-3000:] + result.stderr[-3000:]
     with open(tmp_path / "out.json") as f:
         return json.load(f), result.stdout
 
@@ -51,6 +54,8 @@ def run_script(tmp_path, *extra):
 def test_tiny_run_writes_every_row_field(tmp_path):
     results, stdout = run_script(tmp_path)
     assert [(r["size"], r["impl"]) for r in results["rows"]] == [("tiny", "ours"), ("tiny", "transformers")]
+    assert results["complete"] is True
+    assert "tiny ours: " in stdout and "tokens/s" in stdout  # each row's line, printed as it was measured
     for row in results["rows"]:
         assert not row.get("error"), row.get("error")
         assert all(k in row for k in ROW_FIELDS), [k for k in ROW_FIELDS if k not in row]
@@ -71,6 +76,28 @@ def test_tiny_run_writes_every_row_field(tmp_path):
     assert "bench/throughput.py" in results["command"]
     assert len(list(tmp_path.glob("cpu-fp32-*.json"))) == 1  # the dated results file, in --results_dir
     assert "speedup" in stdout
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_its_finished_rows_and_a_hung_worker_is_cut(tmp_path):
+    """Each row is written as it is measured (the file replaced whole): killed while the second worker
+    runs, the results hold the first row, marked incomplete. A worker past --worker_timeout is killed
+    and its row says so."""
+    out = tmp_path / "out.json"
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, f"--results_dir={tmp_path}", f"--json={out}"],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    results = json.loads(out.read_text())
+    assert results["complete"] is False
+    assert [(r["size"], r["impl"]) for r in results["rows"]] == [("tiny", "ours")]
+    assert results["rows"][0]["tokens_per_s"] > 0
+
+    results, stdout = run_script(tmp_path, "--impls=ours", "--worker_timeout=0.5", expect_failure=True)
+    assert results["complete"] is True and "timed out after 0.5 s" in results["rows"][0]["error"]
 
 
 @pytest.mark.parametrize("impl, prefix_sharing", [("ours", "on"), ("ours", "off"), ("transformers", "on")])
@@ -111,13 +138,79 @@ def test_fsdp_memory_two_ranks_hold_half_the_training_state(tmp_path):
             assert abs(rank[key] - copies * unsharded / 2) <= 0.01 * unsharded, (key, rank[key], unsharded)
 
 
+# ----------------------------------------------------------------------------- gpu_check.py: the staged GPU check
+
+GPU_CHECK = [sys.executable, "bench/gpu_check.py"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
-    result = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "results")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([*GPU_CHECK, str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 2
     assert "gpu_check: needs CUDA" in result.stderr and "nothing was run" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_keeps_its_stage_order_time_boxes_and_eight_files(tmp_path):
+    """The CPU dry run under a budget too short for every stage: the stages start in their order of
+    value, each within its time box, the budget's end cuts the running stage and skips the rest,
+    and the output folder holds the four promised files (the lent machine returns at most 8)."""
+    import tarfile
+    from bench.gpu_check import STAGES
+    out, budget, min_start = tmp_path / "out", 16, 3
+    start = time.monotonic()
+    result = subprocess.run([*GPU_CHECK, str(out), "--device=cpu", f"--budget={budget}", f"--min_start={min_start}",
+                             "--commit=abc1234",
+                             f"--work_dir={tmp_path / 'work'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "stages.jsonl", "stages.tar.gz", "summary.json"]
+    records = [json.loads(line) for line in (out / "stages.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in records] == [s.name for s in STAGES]
+    assert records[0]["status"] == "ok" and records[0]["communication_ok"] is True
+    ran = [r for r in records if r["status"] != "skipped"]
+    assert records[:len(ran)] == ran  # once the budget is spent, every later stage is skipped
+    assert len(ran) >= 2 and all(r["budget_left_s"] < min_start for r in records[len(ran):])
+    for r in ran:  # each within min(its box, what was left of the budget), a second for process start-up
+        assert r["timeout_s"] == pytest.approx(min(r["box_s"], r["budget_left_s"]), abs=0.2)
+        assert sum(c.get("seconds", 0) for c in r["commands"]) <= r["timeout_s"] + 1
+    assert elapsed < budget + 10
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["commit"] == "abc1234" and summary["versions"]["commit"] == "abc1234"
+    probe = summary["stages"]["probe"]["probe"]
+    assert probe["communication"]["backend"] == "gloo" and probe["rates"]["matmul_flops_per_s"] > 0
+    assert set(probe["lm_head"]["widths"]["768"]["scored_logits_forward_backward"]) == {"bf16_in_fp32_out", "fp32"}
+    with tarfile.open(out / "stages.tar.gz") as tar:
+        names = tar.getnames()
+    assert "stages/probe/probe.json" in names and "stages/probe/comm.log" in names
+
+
+@pytest.mark.slow
+def test_gpu_check_only_one_stage_cut_at_its_time_box_with_its_workers(tmp_path):
+    """--only runs one stage; a stage past its time (4 s: two throughput workers cannot even import
+    torch and transformers in it) is killed with the processes it started, and recorded as a timeout."""
+    result = subprocess.run([*GPU_CHECK, str(tmp_path), "--device=cpu", "--only=throughput_key", "--budget=4",
+                             "--min_start=1", f"--work_dir={tmp_path / 'work'}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["status"]) for r in records] == [("throughput_key", "timeout")]
+    assert records[0]["commands"][0]["seconds"] <= 5
+    assert not processes_whose_command_has(f"results_dir={tmp_path / 'work'}")  # no worker outlived the stage
+
+
+def processes_whose_command_has(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:  # gone meanwhile
+            pass
+    return found
 
 
 # ----------------------------------------------------------------------------- throughput.py: options, GPUs

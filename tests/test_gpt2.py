@@ -402,3 +402,39 @@ def test_building_a_model_switches_off_cudnn_attention():
     torch.backends.cuda.enable_cudnn_sdp(True)
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=16))
     assert not torch.backends.cuda.cudnn_sdp_enabled()
+
+
+# ----------------------------------------------------------------------------- the scored rows' LM head
+
+def test_every_head_precision_gives_the_fp64_head_log_probs_and_bf16_logits_do_not():
+    """bench/head_precision.py's measurement, on logits in the tens: each of the trainer's choices (and
+    TF32, emulated) is within 1e-3 nats of an fp64 head on the same bf16 hidden states for a
+    24-token response; rounding the logits to bf16 is not (README, 'the LM head on the GPU')."""
+    from bench.head_precision import measure
+    results = measure()
+    assert results["logit_abs_max"] > 50  # the case the fp32 head exists for
+    errors = {name: r["head_error_nats"] for name, r in results["heads"].items()}
+    assert all(errors[name] < 1e-3 for name in ("fp32", "tf32", "bf16_in_fp32_out")), errors
+    assert errors["bf16 logits"] > 0.1, errors
+
+
+def test_bf16_in_fp32_out_gradients_equal_the_fp32_heads_to_bf16_rounding():
+    """Its hand-written backward against autograd through the fp32 head: the same gradients but for
+    rounding the logits' gradient to bf16 first."""
+    from gpt2 import scored_logits
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 32, generator=gen).bfloat16()
+    weight = (torch.randn(50257, 32, generator=gen) * 0.5).bfloat16()
+    upstream = torch.randn(12, 50257, generator=gen)
+    grads = {}
+    for precision in ("fp32", "bf16_in_fp32_out"):
+        xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        logits = scored_logits(xg, wg, precision)
+        assert logits.dtype == torch.float32
+        (logits * upstream).sum().backward()
+        grads[precision] = (logits.detach(), xg.grad, wg.grad)
+    for ours, reference in zip(grads["bf16_in_fp32_out"], grads["fp32"]):
+        assert ours.dtype == reference.dtype
+        scale = reference.float().abs().max()
+        assert (ours.float() - reference.float()).abs().max() <= 2e-2 * scale
+    assert torch.equal(grads["bf16_in_fp32_out"][0], grads["fp32"][0])  # on CPU: the same fp32 GEMM forward

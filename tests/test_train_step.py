@@ -93,7 +93,7 @@ def test_train_step_equals_a_plain_transformers_step(one_process_group, hf_weigh
         assert [b.input_ids.size(0) for b in micro_batches] == [1, 1]
         assert [len(b.slot_lengths) for b in micro_batches] == [3, 3]
 
-    metrics, grad_norm, applied = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
+    metrics, grad_norm, applied, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
                                                         micro_batches, cfg, LR, state.scaler)
     expected_loss, expected_norm, expected_weights, expected_grads = hf_step(hf_weights, micro_pairs, loss_type)
 
@@ -150,7 +150,7 @@ def test_text_records_train_as_trl_tokenizes_them(one_process_group, hf_weights,
     cfg = TrainConfig(init_from=str(hf_weights), beta=BETA, lr=LR, grad_clip=GRAD_CLIP, weight_decay=WEIGHT_DECAY,
                       precision="fp32", device="cpu", sharding="none", batch_size=3, micro_batch_size=3)
     state = build_training_state(cfg, 0, torch.device("cpu"), None)
-    metrics, grad_norm, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
+    metrics, grad_norm, _, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
                                                   [collate(pairs, share_prompt=True)], cfg, LR, state.scaler)
     trl_pairs = [Pair(*ids, group_index=i, chosen_index=0, rejected_index=1) for i, ids in enumerate(trl_ids)]
     expected_loss, expected_norm, _, _ = hf_step(hf_weights, [trl_pairs], "sigmoid")
