@@ -6,13 +6,10 @@ A signal may reach some ranks and not others, or reach them during different ste
 agree on it once per step before anyone stops: all stop after the same step, and all take part in
 the save. The training step carries the agreement in the all-reduce it does anyway (whether the
 step's loss and gradient are finite: fsdp_train.train_step), so a step has one collective that
-waits for the host, not two; agreed() is the same agreement on its own, for work outside steps.
+waits for the host, not two.
 """
 import signal
 import sys
-
-import torch
-import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -47,9 +44,3 @@ class StopRequests:
     def local_signal(self) -> float:
         """This rank's part of the agreement: the signal number it received, or 0."""
         return float(self.received or 0)
-
-    def agreed(self, device) -> int:
-        """Collective, once per step: the signal number if any rank received one, else 0."""
-        received = torch.tensor([self.local_signal()], device=device)
-        dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        return int(received.item())
