@@ -5,6 +5,7 @@ bug or a failure of the machine (disk full, a dead rank) and keeps its traceback
 
 They subclass ValueError, so code that catches ValueError around a loader keeps working.
 """
+from gpt2 import WeightsError
 
 
 class InputError(ValueError):
@@ -34,3 +35,6 @@ class Preempted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+BAD_INPUT = (InputError, WeightsError)  # what every command reports in one line with exit 2 (cli.py)

@@ -25,14 +25,13 @@ import sys
 import torch
 import yaml
 
-import fsdp_train
 from data.demo import demo_texts
-from errors import ConfigError
+from errors import BAD_INPUT, ConfigError
+import fsdp_train
 from generate_pairs import generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
-from parallel import BAD_INPUT
-from reward import check_reward_spec, load_reward
-from run_dir import write_atomic
+from train.reward import check_reward_spec, load_reward
+from train.run_dir import write_atomic
 
 
 @dataclasses.dataclass

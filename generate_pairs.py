@@ -24,12 +24,11 @@ import sys
 import torch
 
 from data.tokenizer import decode
-from errors import DataError, InputError
+from errors import BAD_INPUT, DataError, InputError
 from gpt2 import GPT
-from parallel import BAD_INPUT
-from reward import SPEC_HELP, load_reward
-from run_dir import write_atomic
 from sample import continuations
+from train.reward import SPEC_HELP, load_reward
+from train.run_dir import write_atomic
 
 
 def read_prompts(path) -> list[str]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from gpt2 import HEAD_PRECISIONS, PRESETS, scored_logits  # noqa: E402
-from run_dir import write_atomic  # noqa: E402
+from train.run_dir import write_atomic  # noqa: E402
 
 VOCAB = 50257
 COMM_TIMEOUT_S = 90

@@ -3,7 +3,7 @@
     python bench/group_packing.py            # gpt2 (124M) shape, random init, CPU, fp32
 
 Each query has a 64-token prompt, 4 responses of 24 tokens and 3 pairs (best vs each other). One
-micro-batch of 9 pairs is timed three ways with fsdp_train.train_step (policy forward + backward,
+micro-batch of 9 pairs is timed three ways with train.step.train_step (policy forward + backward,
 reference forward, AdamW), one process, no FSDP:
   - group_order + prefix sharing: 3 prompts x 3 pairs -> 3 packed rows of 64 + 4 x 24 = 160;
   - random order + prefix sharing: 9 pairs of 9 prompts -> 9 rows of 64 + 24 + 24 = 112;
@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import fsdp_train  # noqa: E402
 from data.batches import collate, pairs_of  # noqa: E402
 from data.formats import PreferenceGroup  # noqa: E402
-from parallel import build_training_state  # noqa: E402
-from train_config import TrainConfig  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.distributed import build_training_state  # noqa: E402
+from train.step import train_step  # noqa: E402
 
 
 def main():
@@ -48,7 +48,7 @@ def main():
         step_s = []
         for _ in range(6):
             start = time.perf_counter()
-            fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch], run_cfg, 1e-5, state.scaler)
+            train_step(state.policy, state.reference, state.optimizer, [batch], run_cfg, 1e-5, state.scaler)
             step_s.append(time.perf_counter() - start)
         print(f"{name}: rows x positions {tuple(batch.input_ids.shape)}, step median "
               f"{statistics.median(step_s[1:]) * 1000:.0f} ms over 5 steps after 1 warm-up "

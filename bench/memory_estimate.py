@@ -4,8 +4,8 @@
     python bench/memory_estimate.py --configs config/gpt2_xl_hf.yaml --gpu_gib 80 --headroom 0.25
     python bench/memory_estimate.py --world_size 8 --json estimate.json
 
-An ESTIMATE, not a GPU measurement. What the trainer holds on one GPU (parallel.build_training_state,
-fsdp_train.train_step), for P parameters, world size W and n micro-batches per step:
+An ESTIMATE, not a GPU measurement. What the trainer holds on one GPU (distributed.build_training_state,
+train.step.train_step), for P parameters, world size W and n micro-batches per step:
 
     policy weights   4P / W   fp32 master weights, sharded by FSDP2 (bf16 only per block, while it runs)
     gradients        4P / W   fp32 (MixedPrecisionPolicy reduce_dtype); with n > 1 micro-batches FSDP2
@@ -18,7 +18,7 @@ fsdp_train.train_step), for P parameters, world size W and n micro-batches per s
     activations      MEASURED: the bytes of the tensors that one policy forward saves for backward
                      (torch.autograd.graph.saved_tensors_hooks, unique storages, parameters left out)
                      on a real forward + backward of the trainer's path (dpo.concatenated_logps on a batch
-                     from data.batches.collate, checkpointing applied by parallel.parallelize) in the
+                     from data.batches.collate, checkpointing applied by distributed.parallelize) in the
                      run's compute dtype, on CPU, at the preset's true width. To stay cheap it runs 1 and
                      2 blocks on one and two layout units (a packed row) and scales: activations =
                      fixed + units * (last block, embeddings, LM-head rows + (n_layer - 1) * per block)
@@ -61,11 +61,10 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
-import parallel  # noqa: E402
-import train_config  # noqa: E402
 from data.batches import Pair, collate  # noqa: E402
 from dpo import LOGSUMEXP_CHUNK, concatenated_logps  # noqa: E402
-from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig  # noqa: E402
+from gpt2 import EOT_ID, GPT, GPTConfig, PRESETS  # noqa: E402
+from train import config as train_config, distributed  # noqa: E402
 
 CONFIGS = [os.path.join(ROOT, "config", f"gpt2_{size}_hf.yaml") for size in ("small", "medium", "large", "xl")]
 GIB = 2 ** 30
@@ -93,9 +92,9 @@ def n_params(config: GPTConfig) -> int:
 def state_bytes(cfg: train_config.TrainConfig, config: GPTConfig, world_size: int, n_micro: int) -> dict:
     """Bytes per GPU of the weights, gradients, AdamW state, reference and FSDP's all-gathered copies."""
     P, W = n_params(config), world_size
-    compute = parallel.DTYPES[cfg.precision].itemsize
-    has_reference = parallel.needs_reference_model(cfg) and not cfg.precompute_reference
-    reference = parallel.DTYPES[parallel.reference_precision_name(cfg)].itemsize if has_reference else 0
+    compute = distributed.DTYPES[cfg.precision].itemsize
+    has_reference = distributed.needs_reference_model(cfg) and not cfg.precompute_reference
+    reference = distributed.DTYPES[train_config.reference_precision_name(cfg)].itemsize if has_reference else 0
     with torch.device("meta"):
         model = GPT(config)
     n_root = sum(p.numel() for m in (model.transformer.wte, model.transformer.wpe, model.transformer.ln_f)
@@ -164,15 +163,15 @@ def saved_tensor_bytes(config: GPTConfig, dtype, batch, checkpointing: bool, hea
     """Bytes that one policy forward (dpo.concatenated_logps) saves for backward: unique storages seen
     by saved_tensors_hooks, parameters left out. Then the backward runs, so the graph is a real one.
 
-    Checkpointing is applied by parallel.parallelize, as the trainer does (no FSDP here: mesh None);
+    Checkpointing is applied by distributed.parallelize, as the trainer does (no FSDP here: mesh None);
     a checkpointed block's inputs are saved through these hooks, its insides are recomputed."""
     with torch.device("meta"):
         model = GPT(config).to(dtype)
     model.to_empty(device="cpu")
     model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them
     model.init_weights(seed=0)
-    model.head_precision = head_precision  # as parallel.build_model sets it: fp32 saves an fp32 copy of the head
-    model = parallel.parallelize(model, dataclasses.replace(train_config.TrainConfig(), compile=False,
+    model.head_precision = head_precision  # as distributed.build_model sets it: fp32 saves an fp32 copy of the head
+    model = distributed.parallelize(model, dataclasses.replace(train_config.TrainConfig(), compile=False,
                                                             activation_checkpointing=checkpointing),
                                  None, dtype, trainable=True)
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -193,7 +192,7 @@ def measure_activations(cfg, config: GPTConfig, pairs_per_prompt: int, checkpoin
     """Saved bytes of 1 and 2 blocks on 1 and 2 layout units, at the true width, split into
     fixed + units * (first + (n_layer - 1) * per_block). The last block (the one whose MLP runs only on
     the LM-head rows) is in `first`; a second block adds a full one."""
-    dtype = parallel.DTYPES[cfg.precision]
+    dtype = distributed.DTYPES[cfg.precision]
     one_block = dataclasses.replace(config, n_layer=1)
     two_blocks = dataclasses.replace(config, n_layer=2)
     one_unit = collate(unit_pairs(cfg, 1, pairs_per_prompt, config.vocab_size), share_prompt=cfg.prefix_sharing)
@@ -253,7 +252,7 @@ def estimate(cfg, config: GPTConfig, micro_batch_size: int, checkpointing: bool,
     row |= state_bytes(cfg, config, world_size, row["n_micro"])
     row["activation_bytes"] = activation_bytes(measured[checkpointing], config.n_layer, units)
     row |= transient_bytes(measured[checkpointing], measured[False], config, units,
-                           parallel.DTYPES[cfg.precision].itemsize, row["reference_unsharded_bytes"])
+                           distributed.DTYPES[cfg.precision].itemsize, row["reference_unsharded_bytes"])
     accumulated = row["grad_bytes"] if row["n_micro"] > 1 else 0
     during_backward = (row["activation_bytes"] + max(row["reference_forward_bytes"], row["backward_start_bytes"])
                        + accumulated)
@@ -291,7 +290,7 @@ def estimate_config(path: str, args) -> dict:
             for m in micro_batch_sizes(cfg.batch_size, args.world_size) for ac in (False, True)]
     usable = args.gpu_gib * GIB * (1 - args.headroom)
     return {"config": os.path.relpath(path, ROOT), "init_from": cfg.init_from, "precision": cfg.precision,
-            "reference_precision": parallel.reference_precision_name(cfg), "batch_size": cfg.batch_size,
+            "reference_precision": train_config.reference_precision_name(cfg), "batch_size": cfg.batch_size,
             "configured_micro_batch_size": cfg.micro_batch_size,
             "configured_activation_checkpointing": cfg.activation_checkpointing,
             "max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len, "prefix_sharing": cfg.prefix_sharing,
@@ -334,23 +333,23 @@ class LiveTensorPeak(TorchDispatchMode):
 
 
 def tracked_step_peak_bytes(cfg, config: GPTConfig, pairs_per_prompt: int, micro_batch_size: int, n_micro: int) -> int:
-    """The trainer's own step on CPU (parallel.build_training_state, fsdp_train.train_step, FSDP over
+    """The trainer's own step on CPU (distributed.build_training_state, train.step.train_step, FSDP over
     one gloo process, random weights of config's shape, cfg's precision and checkpointing), the peak
     of its live tensors during the second step (the first creates AdamW's state). Its micro-batches
     are the estimate's worst case (units_per_micro_batch). Makes and ends its own process group."""
-    import fsdp_train  # the trainer itself, only for this check
+    from train.step import train_step  # the trainer's own step, only for this check
     cfg = dataclasses.replace(cfg, device="cpu", sharding="full", compile=False, init_from="scratch",
                               n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
                               n_positions=config.n_positions, batch_size=micro_batch_size * n_micro,
                               micro_batch_size=micro_batch_size)
-    rank, _, device, mesh = parallel.setup_distributed(cfg)
+    rank, _, device, mesh = distributed.setup_distributed(cfg)
     try:
-        state = parallel.build_training_state(cfg, rank, device, mesh)
+        state = distributed.build_training_state(cfg, rank, device, mesh)
         batch = collate(worst_micro_batch(cfg, micro_batch_size, pairs_per_prompt, config.vocab_size),
                         share_prompt=cfg.prefix_sharing)
 
         def step():
-            fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch] * n_micro, cfg, cfg.lr,
+            train_step(state.policy, state.reference, state.optimizer, [batch] * n_micro, cfg, cfg.lr,
                                   state.scaler)
         step()
         held = [*state.policy.parameters(), *(state.reference.parameters() if state.reference else []),

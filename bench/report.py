@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from run_dir import write_atomic
+from train.run_dir import write_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""Time one full DPO training step: ours (fsdp_train.train_step) against the same step in transformers.
+"""Time one full DPO training step: ours (train.step.train_step) against the same step in transformers.
 
     python bench/throughput.py --device cpu --sizes gpt2,gpt2-medium --pairs 8 --dtype fp32
     python bench/throughput.py --device cuda --dtype bf16                       # all four sizes
@@ -7,8 +7,8 @@
     torchrun --nproc_per_node 2 bench/throughput.py --fsdp_memory --sizes gpt2  # one world size
 
 One step = policy forward + backward on chosen and rejected, reference forward, gradient clipping,
-AdamW step. "ours" calls the trainer's own functions (parallel.build_training_state,
-fsdp_train.train_step); "transformers" is the same DPO step written the straightforward way with
+AdamW step. "ours" calls the trainer's own functions (distributed.build_training_state,
+train.step.train_step); "transformers" is the same DPO step written the straightforward way with
 GPT2LMHeadModel. Both get the same pairs (ours in the layout its trainer uses), random init at the
 real shapes, no download.
 As a plain `python`, each (size, impl) runs in a fresh subprocess, so each gets its own peak memory,
@@ -56,21 +56,21 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import fsdp_train  # noqa: E402
-import parallel  # noqa: E402
-from data.batches import Pair, collate, collate_pairs  # noqa: E402
-from optim import lr_at  # noqa: E402
-from gpt2 import EOT_ID, GPT, PRESETS, GPTConfig, avoid_cudnn_attention  # noqa: E402
-from train_config import TrainConfig  # noqa: E402
 from bench.report import write_results  # noqa: E402
+from data.batches import Pair, collate, collate_pairs  # noqa: E402
+from gpt2 import EOT_ID, GPT, GPTConfig, PRESETS, avoid_cudnn_attention  # noqa: E402
+from train import distributed  # noqa: E402
+from train.config import TrainConfig, reference_precision_name  # noqa: E402
+from train.optim import lr_at  # noqa: E402
+from train.step import train_step  # noqa: E402
 
 
 def sources_sha1():
-    """A fingerprint of the project's code (*.py at the top and in data/), read right after importing
+    """A fingerprint of the project's code (*.py at the top, in data/ and in train/), read right after importing
     it. It may be edited while a long benchmark runs; rows measured on different code must not be
     compared, and a results file says which code it measured."""
     digest = hashlib.sha1()
-    for folder in (ROOT, os.path.join(ROOT, "data")):
+    for folder in (ROOT, os.path.join(ROOT, "data"), os.path.join(ROOT, "train")):
         for name in sorted(n for n in os.listdir(folder) if n.endswith(".py")):
             with open(os.path.join(folder, name), "rb") as f:
                 digest.update(name.encode() + f.read())
@@ -320,11 +320,11 @@ def train_config(args, size):
 def build_ours(args, size, rank, device, mesh):
     """The trainer's own models, optimizer and step; nothing of it is re-implemented here."""
     cfg = train_config(args, size)
-    state = parallel.build_training_state(cfg, rank, device, mesh)
+    state = distributed.build_training_state(cfg, rank, device, mesh)
     lr = lr_at(0, 1, cfg)
 
     def step(batch):
-        metrics, _, _, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer, [batch], cfg, lr,
+        metrics, _, _, _ = train_step(state.policy, state.reference, state.optimizer, [batch], cfg, lr,
                                               state.scaler)
         return metrics["loss"]
     return step, state.policy, state.reference, state.optimizer
@@ -418,7 +418,7 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     row = {"size": size, "impl": impl, "device": device.type, "n_layer": config.n_layer, "n_head": config.n_head,
            "n_embd": config.n_embd, "n_params": sum(p.numel() for p in policy.parameters()), "world_size": world,
            "sharding": args.sharding if impl == "ours" else "none", "precision": args.dtype,
-           "reference_precision": (parallel.reference_precision_name(train_config(args, size)) if impl == "ours"
+           "reference_precision": (reference_precision_name(train_config(args, size)) if impl == "ours"
                                    else args.dtype),
            "prefix_sharing": args.prefix_sharing and impl == "ours", "tokens_per_step": tokens_per_step,
            **timing_fields(times, tokens_per_step, world * step_flops(config, *model_shape(args, impl))),
@@ -436,7 +436,7 @@ def measure(args, size, impl, rank=0, world=1, device=None, mesh=None):
     row["train_state_bytes"] = row["param_bytes"] + row["grad_bytes"] + row["optimizer_bytes"]
     del step, policy, reference, optimizer, batch
     gc.collect()
-    peak_dtype = torch.bfloat16 if device.type == "cuda" else parallel.DTYPES[args.dtype]
+    peak_dtype = torch.bfloat16 if device.type == "cuda" else distributed.DTYPES[args.dtype]
     row["matmul_peak_flops_per_s"] = matmul_peak_flops_per_s(device, peak_dtype) if rank == 0 else None
     row["matmul_peak_dtype"] = str(peak_dtype).removeprefix("torch.")
     # per GPU; MFU against it and against the best measured bf16 matmul rate is set by bench/report.py
@@ -466,7 +466,7 @@ def run_worker(args):
         import transformers.models.gpt2.modeling_gpt2  # noqa: F401
     if impl == "ours":  # the trainer's own set-up: a one-process group (gloo / nccl), a mesh when sharded
         cfg = train_config(args, size)
-        rank, _, device, mesh = parallel.setup_distributed(cfg)
+        rank, _, device, mesh = distributed.setup_distributed(cfg)
     row = measure(args, size, impl, rank, 1, device, mesh)
     row["device_name"], row["sources_sha1"] = device_name(device), SOURCES_SHA1
     if dist.is_initialized():
@@ -521,7 +521,7 @@ def run_distributed(args):
     """Under torchrun: ours with FSDP over all ranks, every size in this process (rank 0 reports).
     With --fsdp_memory the rows also carry each rank's bytes (gathered to rank 0)."""
     set_threads(args)
-    rank, world, device, mesh = parallel.setup_distributed(train_config(args, args.sizes[0]))
+    rank, world, device, mesh = distributed.setup_distributed(train_config(args, args.sizes[0]))
     rows = []
     for size in args.sizes:
         row = measure(args, size, "ours", rank, world, device, mesh)

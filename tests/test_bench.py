@@ -24,7 +24,7 @@ from bench import memory_estimate
 from conftest import ROOT
 from data.batches import PackedBatch
 from gpt2 import GPTConfig
-from train_config import TrainConfig
+from train.config import TrainConfig
 
 SCRIPT = ROOT / "bench" / "throughput.py"
 TINY = ["--device=cpu", "--sizes=tiny", "--pairs=2", "--prompt_len=8", "--response_len=4", "--steps=10",
@@ -292,7 +292,9 @@ def test_saved_activations_grow_with_length_and_shrink_with_checkpointing():
     assert plain_long["first_block_bytes_per_unit"] > plain_short["first_block_bytes_per_unit"]
     assert checkpointed["per_block_bytes_per_unit"] == 48 * 64 * 2  # the block's bf16 input, nothing else
     assert checkpointed["per_block_bytes_per_unit"] < plain_long["per_block_bytes_per_unit"] / 4
-    assert checkpointed["fixed_bytes"] == plain_long["fixed_bytes"] == 4 * 50257 * 64  # the head's fp32 copy
+    assert checkpointed["fixed_bytes"] == plain_long["fixed_bytes"] == 0  # bf16_in_fp32_out keeps no head copy
+    fp32_head = measure(dataclasses.replace(long, lm_head_precision="fp32"), TINY_SHAPE, 3, True)
+    assert fp32_head["fixed_bytes"] == 4 * 50257 * 64  # the head weight's fp32 copy, saved for backward
 
 
 @pytest.mark.parametrize("micro_batch_size, n_micro, checkpointing", [(6, 1, False), (3, 2, True)])

@@ -18,9 +18,9 @@ from data import formats
 from data.batches import (Pair, collate_pairs, epoch_order, grouped_epoch_order, pairs_of, rank_slice, split_groups,
                           truncate_groups)
 from data.demo import write_demo_jsonl
-from data.formats import make_demo_groups
+from data.formats import (PreferenceGroup, load_hh, load_jsonl, load_lm_human_preferences, load_preferences,
+                          make_demo_groups)
 from errors import DataError
-from data.formats import PreferenceGroup, load_hh, load_jsonl, load_lm_human_preferences, load_preferences
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 HH_SAMPLE = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"

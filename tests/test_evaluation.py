@@ -4,9 +4,9 @@ import math
 import torch
 
 from data.batches import Pair
-from evaluation import evaluate
 from gpt2 import GPT, GPTConfig
-from train_config import TrainConfig
+from train.config import TrainConfig
+from train.evaluation import evaluate
 
 
 def peaky_model(seed):
@@ -51,7 +51,7 @@ class RecordingReward:
 
 
 def test_reward_is_the_mean_over_the_kl_samples_and_kl_of_the_reference_itself_is_zero(one_process_group, monkeypatch):
-    import evaluation
+    from train import evaluation
     from data.tokenizer import decode
     recording = RecordingReward()
     monkeypatch.setitem(evaluation._reward_models, "recording", recording)

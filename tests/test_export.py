@@ -8,14 +8,14 @@ import stat
 import pytest
 from transformers import AutoTokenizer, GenerationConfig, pipeline
 
-import export
-import sample
 from conftest import ROOT
 from data.tokenizer import EOT_ID, encode
 from gpt2 import GPT, GPTConfig, write_hf_checkpoint
-from run_dir import write_atomic
+import sample
+from train import export
+from train.run_dir import write_atomic
 from test_fsdp_train import run_python
-from train_config import TrainConfig
+from train.config import TrainConfig
 
 PROMPT = "Honestly, the hotel was"
 TEXT = ("Honestly, the hotel was great! I'd stay again in 2024 \u2014 5\u2605, na\u00efve caf\u00e9\u2026\n\n"

@@ -473,7 +473,7 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_p
         assert "could not write checkpoint" in result.stderr and "No space left on device" in result.stderr
         kept = small / "run" / "checkpoints" / "step_000002"
         assert (kept / "train_state.json").exists() and not (small / "run" / "checkpoints" / "step_000004").exists()
-        from checkpoint import verify_checkpoint
+        from train.checkpoint import verify_checkpoint
         verify_checkpoint(str(kept))  # every file there with its recorded size and sha256
     finally:
         subprocess.run(["umount", str(small)], check=True)

@@ -14,7 +14,7 @@ import tiktoken
 from data.formats import load_preferences
 from errors import ConfigError, DataError
 from fsdp_train import load_data
-from train_config import TrainConfig
+from train.config import TrainConfig
 
 SHARED_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED_DATA / "tiktoken_cache").is_dir():

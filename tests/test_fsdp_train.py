@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
-import fsdp_train
 from conftest import ROOT
 from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
 from data.formats import make_demo_groups
+import fsdp_train
 
 pytestmark = pytest.mark.slow
 
@@ -196,15 +196,13 @@ def test_bf16_reference_under_fp32_training_stays_close(single, tmp_path, shardi
     assert_same_losses(losses, fp32_losses, rel=3e-2)
 
 
-def test_resume_accepts_the_resolved_reference_precision_and_older_checkpoints(tmp_path):
-    """reference_precision "same" under fp32 is the same run as "fp32"; a checkpoint written before
-    the key existed resumes as "same"; a bf16 reference is a different run, refused by name."""
+def test_resume_accepts_the_resolved_reference_precision(tmp_path):
+    """reference_precision "same" under fp32 is the same run as "fp32"; a bf16 reference is a
+    different run, refused by name."""
     run_python(tmp_path, "--sharding=none", "--ckpt_every=2", "--max_steps=2")
     state_path = tmp_path / "checkpoints" / "step_000002" / "train_state.json"
     state = json.loads(state_path.read_text())
     assert state["identity"]["reference_precision"] == "fp32"
-    del state["identity"]["reference_precision"]  # as a checkpoint from before the option
-    state_path.write_text(json.dumps(state))
     refused = run_python(tmp_path, "--sharding=none", "--reference_precision=bf16", check=False)
     assert refused.returncode != 0 and "reference_precision" in refused.stdout + refused.stderr
     resumed = run_python(tmp_path, "--sharding=none", "--ckpt_every=2", "--reference_precision=fp32")

@@ -93,16 +93,16 @@ def test_bf16_in_fp32_out_head_parity_and_gradients_on_cuda():
 
 
 def test_trainer_bf16_path_against_its_fp32_path_on_the_same_weights():
-    """The trainer's own models (parallel.build_training_state: FSDP over one NCCL rank, bf16 mixed
+    """The trainer's own models (distributed.build_training_state: FSDP over one NCCL rank, bf16 mixed
     precision) against its fp32 models from the same scratch weights: the summed response log-probs
     of one packed batch at gpt2's shape (random weights: logits near 0; the large-logits case is
     test_large_logits_head_precision_on_cuda's)."""
     import torch.distributed as dist
 
-    import parallel
+    from train import distributed
     from data.batches import Pair, collate
     from dpo import concatenated_logps
-    from train_config import TrainConfig
+    from train.config import TrainConfig
     gen = torch.Generator().manual_seed(0)
     pairs = [Pair(torch.randint(0, 50256, (64,), generator=gen).tolist(),
                   torch.randint(0, 50256, (24,), generator=gen).tolist(),
@@ -110,11 +110,11 @@ def test_trainer_bf16_path_against_its_fp32_path_on_the_same_weights():
     batch = collate(pairs, share_prompt=True).to("cuda")
     cfg = TrainConfig(init_from="scratch", n_layer=12, n_head=12, n_embd=768, n_positions=1024, device="cuda",
                       max_prompt_len=64, max_len=88)
-    _, _, device, mesh = parallel.setup_distributed(cfg)
+    _, _, device, mesh = distributed.setup_distributed(cfg)
     try:
         logps = {}
         for precision in ("fp32", "bf16"):
-            state = parallel.build_training_state(dataclasses.replace(cfg, precision=precision), 0, device, mesh)
+            state = distributed.build_training_state(dataclasses.replace(cfg, precision=precision), 0, device, mesh)
             with torch.no_grad():
                 result = concatenated_logps(state.policy, batch)
             logps[precision] = torch.stack([result.chosen, result.rejected]).double()

@@ -1,5 +1,6 @@
-"""The shape of the code that the README and STYLE.md promise: data flows one way (no import
-cycle, gpt2.py stands alone), and no function grows past 100 lines."""
+"""The shape of the code that the README and STYLE.md promise: the folders are layers and a lower
+layer never imports a higher one (no import cycle, gpt2.py stands alone), the root holds the
+architecture and the commands only, and no function grows past 100 lines."""
 import ast
 
 from conftest import ROOT
@@ -44,6 +45,37 @@ def test_no_import_cycle():
         visit(name, [])
     assert not cycles, cycles
     assert len(graph) >= 15
+
+
+# Lowest first. A module may import its own layer and those below it, never one above.
+LAYERS = [
+    ("the ground floor: the model, and the error types everything raises", ["gpt2", "errors"]),
+    ("preferences in, token batches out", ["data"]),
+    ("the objective", ["dpo"]),
+    ("the training job's parts", ["train"]),
+    ("the job", ["fsdp_train"]),
+    ("commands above the job: sampling, plots, pair generation, the paper's frontier",
+     ["sample", "plot_metrics", "generate_pairs", "frontier"]),
+    ("measurements of all of it", ["bench"]),
+]
+
+
+def layer_of(module):
+    top = module.split(".")[0]
+    return next(i for i, (_, tops) in enumerate(LAYERS) if top in tops)
+
+
+def test_a_lower_layer_never_imports_a_higher_one():
+    upward = [f"{name} (layer {layer_of(name)}: {LAYERS[layer_of(name)][0]}) imports {dep} (layer {layer_of(dep)})"
+              for name, deps in project_imports().items() for dep in deps if layer_of(dep) > layer_of(name)]
+    assert not upward, upward
+
+
+def test_the_root_holds_the_architecture_and_the_commands_only():
+    root_modules = sorted(p.stem for p in ROOT.glob("*.py"))
+    assert root_modules == sorted(top for _, tops in LAYERS for top in tops if (ROOT / f"{top}.py").exists())
+    assert len(root_modules) <= 10, root_modules
+    assert all((ROOT / folder / "__init__.py").exists() for folder in ("data", "train"))
 
 
 def test_gpt2_imports_nothing_of_the_project():

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from gpt2 import GPT, GPTConfig
-from optim import LossScaler, lr_at, make_optimizer
-from train_config import TrainConfig
+from train.config import TrainConfig
+from train.optim import LossScaler, lr_at, make_optimizer
 
 
 def test_warmup_is_linear_from_lr_over_warmup_steps():

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
-import reward as reward_module
 from errors import ConfigError, DataError
-from export import write_tokenizer_files
 from generate_pairs import generate_pairs, ranked_pairs, read_prompts
 from gpt2 import GPT, GPTConfig
+from train import reward as reward_module
+from train.export import write_tokenizer_files
 
 
 # ----------------------------------------------------------------------------- VADER

@@ -3,8 +3,8 @@ import json
 
 import torch
 
-from run_dir import MetricsLog
-from train_config import TrainConfig
+from train.config import TrainConfig
+from train.run_dir import MetricsLog
 
 
 def test_metrics_are_written_at_full_float_precision(one_process_group, tmp_path):

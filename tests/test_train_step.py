@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import fsdp_train
 from data.batches import collate, pairs_of
 from data.formats import PreferenceGroup
 from gpt2 import CONV1D_SUFFIXES
-from parallel import build_training_state
-from train_config import TrainConfig
+from train.config import TrainConfig
+from train.distributed import build_training_state
+from train.step import train_step
 
 BETA, LR, GRAD_CLIP, WEIGHT_DECAY = 0.1, 1e-3, 0.05, 0.1  # the clip binds: the norm at init is larger
 
@@ -93,7 +93,7 @@ def test_train_step_equals_a_plain_transformers_step(one_process_group, hf_weigh
         assert [b.input_ids.size(0) for b in micro_batches] == [1, 1]
         assert [len(b.slot_lengths) for b in micro_batches] == [3, 3]
 
-    metrics, grad_norm, applied, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
+    metrics, grad_norm, applied, _ = train_step(state.policy, state.reference, state.optimizer,
                                                         micro_batches, cfg, LR, state.scaler)
     expected_loss, expected_norm, expected_weights, expected_grads = hf_step(hf_weights, micro_pairs, loss_type)
 
@@ -150,7 +150,7 @@ def test_text_records_train_as_trl_tokenizes_them(one_process_group, hf_weights,
     cfg = TrainConfig(init_from=str(hf_weights), beta=BETA, lr=LR, grad_clip=GRAD_CLIP, weight_decay=WEIGHT_DECAY,
                       precision="fp32", device="cpu", sharding="none", batch_size=3, micro_batch_size=3)
     state = build_training_state(cfg, 0, torch.device("cpu"), None)
-    metrics, grad_norm, _, _ = fsdp_train.train_step(state.policy, state.reference, state.optimizer,
+    metrics, grad_norm, _, _ = train_step(state.policy, state.reference, state.optimizer,
                                                   [collate(pairs, share_prompt=True)], cfg, LR, state.scaler)
     trl_pairs = [Pair(*ids, group_index=i, chosen_index=0, rejected_index=1) for i, ids in enumerate(trl_ids)]
     expected_loss, expected_norm, _, _ = hf_step(hf_weights, [trl_pairs], "sigmoid")

@@ -1,4 +1,4 @@
-"""parallel.py's rank-0 helper with two real ranks (two processes on a gloo group): whatever rank 0
+"""train/rank0.py's helper with two real ranks (two processes on a gloo group): whatever rank 0
 raises while working alone reaches every rank, so none waits in a collective until a timeout.
 And run_dir.check_shared_out_dir, which refuses an out_dir that only some ranks see."""
 import subprocess
@@ -16,7 +16,7 @@ WORKER = textwrap.dedent("""
     import json, os, sys
     import torch, torch.distributed as dist
     sys.path.insert(0, os.getcwd())
-    from parallel import on_rank0
+    from train.rank0 import on_rank0
     from errors import DataError
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
@@ -33,7 +33,7 @@ WORKER = textwrap.dedent("""
         except Exception as err:
             print(kind, "raised", type(err).__name__, err)
         dist.barrier()  # both ranks get here: nobody is left waiting
-    from run_dir import check_shared_out_dir
+    from train.run_dir import check_shared_out_dir
     for shared in (True, False):  # one out_dir for both ranks, or one per "node" (a node-local disk)
         out_dir = os.path.join(sys.argv[3], "shared" if shared else f"node{rank}")
         os.makedirs(out_dir, exist_ok=True)

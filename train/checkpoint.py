@@ -27,9 +27,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-import safe_dcp
 from errors import CheckpointError, TrainingStopped
-from parallel import on_rank0
+from train import safe_dcp
+from train.rank0 import on_rank0
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TIED_HEAD, TIED_WITH = "lm_head.weight", "transformer.wte.weight"  # one parameter under two names
@@ -257,11 +257,6 @@ def check_compatible(path, expected: dict, hints: dict | None = None):
     run's, naming what differs; hints[key] says what a difference in `key` means."""
     with open(os.path.join(path, "train_state.json")) as f:
         saved = json.load(f)["identity"]
-    # checkpoints from before reference_precision existed kept the reference in the training precision
-    saved.setdefault("reference_precision", saved.get("precision"))
-    # ... and before the SFT options existed, every run was what their defaults give
-    for key, default in (("sft_on", "chosen"), ("sft_steps", 0), ("sft_lr", 0.0)):
-        saved.setdefault(key, default)
     differs = [f"{key}: checkpoint {saved.get(key)!r} vs this run {value!r}"
                + (f" ({hints[key]})" if key in (hints or {}) else "")
                for key, value in expected.items() if saved.get(key) != value]

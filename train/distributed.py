@@ -1,13 +1,11 @@
 """Distributed set-up, applied from outside the model: the process group, FSDP2 per block, the
-weights broadcast from rank 0, the training state, and the rank-0 helpers that keep every rank
-in step when rank 0 does something alone (reads a file, writes one) and it fails.
+weights broadcast from rank 0, and the training state (policy, frozen reference, optimizer).
 
-Used by fsdp_train.py and by both benchmarks (bench/throughput.py, bench/group_packing.py), so the
-models they time are the trainer's own.
+Used by fsdp_train.py and by the benchmarks (bench/throughput.py, bench/group_packing.py,
+bench/memory_estimate.py), so the models they time are the trainer's own.
 """
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -18,13 +16,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from errors import ConfigError, InputError
-from gpt2 import GPT, GPTConfig, WeightsError, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
-from optim import LossScaler, make_optimizer
-from train_config import TrainConfig, check_positions, check_sharding
+from errors import ConfigError
+from gpt2 import GPT, GPTConfig, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
+from train.config import TrainConfig, check_positions, check_sharding, reference_precision_name
+from train.optim import LossScaler, make_optimizer
+from train.rank0 import on_rank0
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-BAD_INPUT = (InputError, WeightsError)  # one line and exit 2; anything else keeps its traceback
 
 
 # ----------------------------------------------------------------------------- process group
@@ -54,46 +52,6 @@ def setup_distributed(cfg: TrainConfig):
     elif cfg.sharding == "full":
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     return dist.get_rank(), world, device, mesh
-
-
-# ----------------------------------------------------------------------------- rank-0 helpers
-
-def broadcast_json(obj, device):
-    """Rank 0's JSON-able object on every rank, sent as UTF-8 bytes (no pickling)."""
-    data = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
-    size = torch.tensor([len(data)], device=device)
-    dist.broadcast(size, src=0)
-    buffer = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
-    if dist.get_rank() == 0:
-        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
-    dist.broadcast(buffer, src=0)
-    return json.loads(bytes(buffer.cpu().tolist()).decode())
-
-
-def on_rank0(fn, device, what, *args):
-    """Collective: rank 0 runs fn(*args) and every rank returns its (JSON-able) result.
-
-    If fn raises, whatever the exception, rank 0 re-raises it and every other rank raises too
-    (the same message; bad input stays bad input), instead of waiting in its next collective until
-    a timeout. `what` names the work in the other ranks' message.
-    """
-    result, failure = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn(*args)
-            json.dumps(result)  # a result that can't be sent fails here, on rank 0, and is told too
-        except Exception as err:  # told to the other ranks below, then re-raised as it is
-            failure = err
-    reply = broadcast_json({"result": result if failure is None else None,
-                            "error": None if failure is None else f"{type(failure).__name__}: {failure}",
-                            "bad_input": isinstance(failure, BAD_INPUT)}, device)
-    if failure is not None:
-        raise failure
-    if reply["error"] is not None:
-        if reply["bad_input"]:
-            raise InputError(str(reply["error"]).split(": ", 1)[1])
-        raise RuntimeError(f"rank 0 could not {what}: {reply['error']}")
-    return reply["result"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -178,11 +136,6 @@ def weights_fingerprint(state_dict: dict) -> str:
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def reference_precision_name(cfg: TrainConfig) -> str:
-    """The reference model's precision, "same" resolved: "fp32" under precision=fp32 either way."""
-    return cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision
 
 
 def build_model(config, state_dict, cfg, mesh, device, trainable: bool):

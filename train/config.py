@@ -18,29 +18,31 @@ from data.batches import check_batch_sizes, check_eval_fraction, check_lengths
 from data.formats import HUB_FORMATS, KINDS
 from dpo import LOSS_TYPES, check_loss_settings
 from errors import ConfigError
-from gpt2 import HEAD_PRECISIONS, GPTConfig
-from reward import SPEC_HELP, check_reward_spec
+from gpt2 import GPTConfig, HEAD_PRECISIONS
+from train.reward import SPEC_HELP, check_reward_spec
 
 
-def option(default, help):
-    return field(default=default, metadata={"help": help})
+def option(default, help, identity=False):
+    """A config field: its default, its --help text, and whether it fixes the run's trajectory (its
+    identity: a checkpoint is resumed only by a run that agrees on every such field, run_identity_keys)."""
+    return field(default=default, metadata={"help": help, "identity": identity})
 
 
 @dataclass
 class TrainConfig:
     # --- run
     out_dir: str = option("out/run", "run directory: metrics.jsonl, samples.md, checkpoints/, final/, config.yaml")
-    seed: int = option(0, "seed for the split, the data order, init from scratch and sampling")
+    seed: int = option(0, "seed for the split, the data order, init from scratch and sampling", identity=True)
     device: str = option("auto", "cpu, cuda or auto (cuda when available); picks nccl or gloo")
     wandb_log: bool = option(False, "also send metrics to Weights & Biases (pip install wandb)")
     wandb_project: str = option("gpt2-dpo", "W&B project name")
     # --- model
     init_from: str = option("gpt2", "starting weights: a hub id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, org/name), "
-                            "a local directory with config.json + model.safetensors, or 'scratch'")
-    n_layer: int = option(2, "layers, with init_from=scratch")
-    n_head: int = option(2, "attention heads, with init_from=scratch")
-    n_embd: int = option(64, "width, with init_from=scratch")
-    n_positions: int = option(128, "context length, with init_from=scratch")
+                            "a local directory with config.json + model.safetensors, or 'scratch'", identity=True)
+    n_layer: int = option(2, "layers, with init_from=scratch", identity=True)
+    n_head: int = option(2, "attention heads, with init_from=scratch", identity=True)
+    n_embd: int = option(64, "width, with init_from=scratch", identity=True)
+    n_positions: int = option(128, "context length, with init_from=scratch", identity=True)
     # --- data
     dataset: str = option("demo", f"data format: one of {', '.join(KINDS)} (demo needs no file; jsonl reads TRL's "
                           "explicit, implicit-prompt and conversational records; hub reads a dataset repo)")
@@ -56,56 +58,61 @@ class TrainConfig:
     max_records: int = option(0, "keep only the first N records (0 = all; OpenAI trained on 4992 of offline_5k)")
     max_prompt_len: int = option(64, "prompt tokens kept; longer prompts keep their LAST tokens (the recent context)")
     max_len: int = option(88, "prompt + response tokens; responses are cut to max_len - prompt length")
-    eval_fraction: float = option(0.05, "fraction of prompts (groups) held out for evaluation")
+    eval_fraction: float = option(0.05, "fraction of prompts (groups) held out for evaluation", identity=True)
     # --- objective
-    objective: str = option("dpo", "dpo, or sft: maximise the likelihood of the chosen responses")
-    loss_type: str = option("sigmoid", f"DPO loss: one of {', '.join(LOSS_TYPES)} (see README)")
-    beta: float = option(0.1, "DPO's beta: strength of the KL penalty towards the reference")
-    label_smoothing: float = option(0.0, "assumed label-flip rate eps in [0, 0.5) for sigmoid (cDPO) and robust")
-    reference_free: bool = option(False, "take the reference log-probs as 0 (no reference model)")
+    objective: str = option("dpo", "dpo, or sft: maximise the likelihood of the chosen responses", identity=True)
+    loss_type: str = option("sigmoid", f"DPO loss: one of {', '.join(LOSS_TYPES)} (see README)", identity=True)
+    beta: float = option(0.1, "DPO's beta: strength of the KL penalty towards the reference", identity=True)
+    label_smoothing: float = option(0.0, "assumed label-flip rate eps in [0, 0.5) for sigmoid (cDPO) and robust",
+                                    identity=True)
+    reference_free: bool = option(False, "take the reference log-probs as 0 (no reference model)", identity=True)
     logps: str = option("auto", "sequence log-prob: sum over response tokens, mean per token, or auto "
-                        "(mean for ipo, as the IPO paper; sum otherwise, as DPO)")
+                        "(mean for ipo, as the IPO paper; sum otherwise, as DPO)", identity=True)
     sft_steps: int = option(0, "dpo: first train the starting weights with SFT on every response of the training pairs "
                             "(the data's language) for this many steps, in the same run; the result (out_dir/sft/) "
-                            "is DPO's starting point and reference, as in the paper (0 = no warm start)")
-    sft_lr: float = option(0.0, "learning rate of the SFT warm start (0 = lr)")
+                            "is DPO's starting point and reference, as in the paper (0 = no warm start)", identity=True)
+    sft_lr: float = option(0.0, "learning rate of the SFT warm start (0 = lr)", identity=True)
     sft_on: str = option("chosen", "sft: train on the chosen responses (preferred-FT, the paper's baseline) or on "
-                         "all: every distinct response, preferred or not (the data's language, as the warm start)")
+                         "all: every distinct response, preferred or not (the data's language, as the warm start)",
+                         identity=True)
     precompute_reference: bool = option(False, "compute the reference log-probs of every pair once before "
                                         "training, cache them in out_dir, and hold no reference model")
     # --- optimisation
-    lr: float = option(5e-5, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay, applied to 2-D weights only")
-    adam_beta1: float = option(0.9, "AdamW beta1")
-    adam_beta2: float = option(0.999, "AdamW beta2")
-    warmup_steps: int = option(0, "linear warmup from 0 to lr over this many optimizer steps")
+    lr: float = option(5e-5, "peak learning rate (AdamW)", identity=True)
+    weight_decay: float = option(0.0, "AdamW weight decay, applied to 2-D weights only", identity=True)
+    adam_beta1: float = option(0.9, "AdamW beta1", identity=True)
+    adam_beta2: float = option(0.999, "AdamW beta2", identity=True)
+    warmup_steps: int = option(0, "linear warmup from 0 to lr over this many optimizer steps", identity=True)
     lr_schedule: str = option("constant", "after warmup: constant, or cosine decay reaching 0 at the end of the last epoch "
-                             "(max_steps stops early without compressing it)")
-    batch_size: int = option(64, "pairs per optimizer step, over all ranks (independent of the world size)")
+                             "(max_steps stops early without compressing it)", identity=True)
+    batch_size: int = option(64, "pairs per optimizer step, over all ranks (independent of the world size)",
+                             identity=True)
     micro_batch_size: int = option(8, "pairs per forward pass on one rank; the rest is gradient accumulation")
     epochs: int = option(1, "passes over the training pairs")
     max_steps: int = option(0, "stop after this many optimizer steps (0 = run all epochs)")
-    grad_clip: float = option(10.0, "clip the global gradient norm to this (0 = no clipping)")
+    grad_clip: float = option(10.0, "clip the global gradient norm to this (0 = no clipping)", identity=True)
     max_bad_steps: int = option(0, "optimizer steps with a non-finite loss or gradient norm to skip before "
                                 "stopping (0 = stop at the first)")
     # --- parallelism and precision
     precision: str = option("bf16", "bf16 (bf16 compute, fp32 master weights and grad reduction), fp16 "
-                            "(same with dynamic loss scaling, for GPUs without bf16), or fp32")
+                            "(same with dynamic loss scaling, for GPUs without bf16), or fp32", identity=True)
     reference_precision: str = option("same", "dtype of the frozen reference model: same (as precision), bf16, "
                                       "fp16 or fp32. bf16 under precision=fp32 halves the reference's memory and, "
                                       "where bf16 matmuls are fast (GPUs; CPUs with AMX), its forward time; its "
                                       "log-probs then carry bf16 rounding (about 0.05 nats per 24-token response "
-                                      "at gpt2's shape), so the implicit rewards at step 0 are not exactly 0")
+                                      "at gpt2's shape), so the implicit rewards at step 0 are not exactly 0",
+                                      identity=True)
     lm_head_precision: str = option("bf16_in_fp32_out", "under bf16/fp16, how the fp32 logits of the scored rows "
                                     "are computed: bf16_in_fp32_out (a bf16 GEMM writing fp32; the same products as "
-                                    "fp32, ~15x its speed on an H100) or fp32 (an fp32 GEMM); see gpt2.scored_logits")
+                                    "fp32, ~15x its speed on an H100) or fp32 (an fp32 GEMM); see gpt2.scored_logits",
+                                    identity=True)
     sharding: str = option("full", "full: FSDP over all ranks; hybrid: shard within a node, replicate across "
                            "nodes (HSDP); none: no FSDP (one process only)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward (saves memory)")
     compile: bool = option(False, "torch.compile each transformer block")
     group_order: bool = option(False, "order each epoch by prompt: shuffle the groups and keep each group's pairs "
                                "together, so pairs of one prompt share a packed row (prefix_sharing): 160 tokens "
-                               "instead of 528 for an lm-human-preferences query's 3 pairs")
+                               "instead of 528 for an lm-human-preferences query's 3 pairs", identity=True)
     prefix_sharing: bool = option(True, "DPO: run each prompt once, as one packed row [prompt | chosen | rejected "
                                   "| ...] whose attention mask keeps the responses apart (same log-probs, fewer "
                                   "tokens: 112 instead of 176 for a pair at 64 + 24)")
@@ -310,3 +317,15 @@ def shares_prompt(cfg: TrainConfig) -> bool:
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def reference_precision_name(cfg: TrainConfig) -> str:
+    """The reference model's precision, "same" resolved: "fp32" under precision=fp32 either way."""
+    return cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision
+
+
+def run_identity_keys() -> tuple:
+    """The fields that fix a run's trajectory (declared with identity=True). The data's file, format and
+    length settings are not: the data fingerprint covers them, so the same tokens from a moved file still
+    resume. Nor are epochs and max_steps: raising them extends a finished run (README, 'Resume')."""
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["identity"])

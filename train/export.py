@@ -15,9 +15,8 @@ import shlex
 
 from data.tokenizer import EOT_ID, read_bpe_file
 from gpt2 import PRESETS, write_hf_checkpoint
-from parallel import reference_precision_name
-from run_dir import write_atomic
-from train_config import TrainConfig, dump_config
+from train.config import TrainConfig, dump_config, reference_precision_name
+from train.run_dir import write_atomic
 
 EOT = "<|endoftext|>"
 

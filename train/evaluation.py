@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
 from dpo import PairLogps, concatenated_logps, dpo_loss, span_logps
-from parallel import on_rank0
-from run_dir import write_atomic
-from train_config import logps_average, shares_prompt
+from train.config import logps_average, shares_prompt
+from train.rank0 import on_rank0
+from train.run_dir import write_atomic
 
 
 def map_pairs(pairs, fn, cfg, rank, world, device):
@@ -130,7 +130,7 @@ def reward_of(cfg, prompts, continuations, device) -> list[float]:
 
 
 def _score(spec, prompts, continuations, device):
-    from reward import load_reward  # transformers or vaderSentiment: optional extras, loaded on first use
+    from train.reward import load_reward  # transformers or vaderSentiment: optional extras, loaded on first use
     if spec not in _reward_models:
         _reward_models[spec] = load_reward(spec, device=device)
     return [float(score) for score in _reward_models[spec].score(prompts, continuations)]

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from data.tokenizer import decode
 from errors import ConfigError, DataError
-from parallel import on_rank0
-from train_config import TrainConfig, dump_config
+from train.config import TrainConfig, dump_config
+from train.rank0 import on_rank0
 
 
 def write_atomic(path, data):

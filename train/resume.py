@@ -1,0 +1,81 @@
+"""Start or resume: which checkpoint a run continues from (its identity must match, its checksums
+hold), the run directory made to agree with it, and the saves (periodic, final, after SIGTERM).
+"""
+import signal
+
+from errors import Preempted
+from train import checkpoint
+from train.config import TrainConfig, reference_precision_name, run_identity_keys
+from train.rank0 import on_rank0
+from train.run_dir import keep_metrics_until, write_config
+
+
+# ----------------------------------------------------------------------------- start or resume
+
+def run_identity(cfg: TrainConfig, data_sha256: str, weights_sha256: str) -> dict:
+    """What a checkpoint must agree on to be resumed, and the reference cache to be reused."""
+    identity = {k: getattr(cfg, k) for k in run_identity_keys()}
+    identity["reference_precision"] = reference_precision_name(cfg)  # "same" and its dtype are one run
+    return identity | {"data_sha256": data_sha256, "weights_sha256": weights_sha256}
+
+
+def identity_hints(cfg: TrainConfig) -> dict:
+    """What a differing fingerprint means, for the message that refuses the checkpoint."""
+    data = f"data_path={cfg.data_path!r}" if cfg.dataset != "demo" else "the demo set"
+    return {"data_sha256": f"the preference pairs read from {data} (dataset={cfg.dataset}) are not the ones this "
+                           "checkpoint was trained on",
+            "weights_sha256": f"the starting weights of init_from={cfg.init_from!r} are not the ones this "
+                              "checkpoint started from"}
+
+
+def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
+    """Collective. The step to start from: that of the newest complete checkpoint, once it is found
+    to be this run's (identity), intact (checksums) and loaded; else 0. Then the run directory is
+    made to agree with it: partial checkpoints removed, config.yaml written, metrics.jsonl cut to
+    the steps before it. None when that checkpoint is at or past last_step: the run is complete,
+    and nothing in out_dir is touched."""
+    on_rank0(checkpoint.recover_replaced_checkpoints, device, "recover checkpoints", cfg.out_dir, log)
+    # rank 0 decides, every rank follows: on per-node disks, nodes that saw no checkpoint would skip
+    # the load collective and hang (check_shared_out_dir refuses such disks first)
+    path = on_rank0(checkpoint.newest_checkpoint, device, "list checkpoints", cfg.out_dir)
+    step = 0
+    if path:
+        on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity, identity_hints(cfg))
+        saved_step = on_rank0(checkpoint.saved_step, device, f"read {path}", path)
+        if saved_step >= last_step:
+            log(complete_message(cfg, path, saved_step, last_step))
+            return None
+    on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
+    if path:
+        on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
+        train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
+        step, state.scaler.scale, state.scaler.good_steps = (train_state["step"], train_state["loss_scale"],
+                                                             train_state["good_steps"])
+        log(f"resumed from {path} at step {step}")
+    on_rank0(write_config, device, f"write {cfg.out_dir}/config.yaml", cfg)
+    on_rank0(keep_metrics_until, device, f"prepare {cfg.out_dir}/metrics.jsonl", cfg.out_dir, step, log)
+    return step
+
+
+def complete_message(cfg, path, saved_step, last_step):
+    limit = (f"max_steps={cfg.max_steps}" if cfg.max_steps and cfg.max_steps <= last_step
+             else f"epochs={cfg.epochs} ({last_step} steps)")
+    return (f"run complete: {path} is at step {saved_step} and this command trains to step {last_step} ({limit}); "
+            f"nothing to do, nothing changed. To train on, raise max_steps or epochs (see README, 'Resume').")
+
+
+def save(cfg, state, step, steps_per_epoch, identity, device):
+    """Collective: a sharded checkpoint of step `step`, with what resuming needs besides the tensors."""
+    checkpoint.save_checkpoint(cfg.out_dir, step, state.policy, state.optimizer, {
+        "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps,
+        "epoch": step // steps_per_epoch, "pairs_seen": step * cfg.batch_size, "identity": identity},
+        cfg.keep_checkpoints, device)
+
+
+def stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signum):
+    """Collective: every rank received or was told of SIGTERM/SIGINT after this step; save, stop."""
+    path, _ = checkpoint.step_dirs(cfg.out_dir, step)
+    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):  # else just saved
+        save(cfg, state, step, steps_per_epoch, identity, device)
+    raise Preempted(signum, f"stopped by {signal.Signals(signum).name} after step {step}; saved {path}. Run the "
+                            "same command to resume from it.")
