@@ -22,16 +22,16 @@ import json
 import os
 import sys
 
-import torch
 import yaml
 
 from data.demo import demo_texts
-from errors import BAD_INPUT, ConfigError
+from errors import ConfigError, exit_code_of
 import fsdp_train
 from generate_pairs import generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
+from train.distributed import resolve_device
 from train.reward import check_reward_spec, load_reward
-from train.run_dir import write_atomic
+from train.run_dir import read_metrics, write_atomic
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def pairs_stage(cfg, sft_model, log):
     if os.path.exists(pairs_path) and os.path.exists(best_path):
         log(f"== pairs: reusing {pairs_path}")
         return pairs_path, best_path
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.get("device") != "cpu" else "cpu")
+    device = resolve_device("cpu" if cfg.trainer.get("device") == "cpu" else "auto")
     model = GPT.from_pretrained(sft_model, device=device).eval()
     prompts = prompt_texts(cfg)
     log(f"== pairs: {cfg.generation.get('k', 4)} samples for each of {len(prompts)} prompts from {sft_model}")
@@ -128,12 +128,8 @@ def runs_stage(cfg, sft_model, pairs_path, best_path, log) -> list[dict]:
 
 def eval_points(run_dir) -> list[dict]:
     """(step, kl, reward) of every eval line of a run's metrics.jsonl."""
-    points = []
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "eval/reward" in record and "eval/kl" in record:
-                points.append({"step": record["step"], "kl": record["eval/kl"], "reward": record["eval/reward"]})
+    points = [{"step": record["step"], "kl": record["eval/kl"], "reward": record["eval/reward"]}
+              for record in read_metrics(run_dir) if "eval/reward" in record and "eval/kl" in record]
     if not points:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no eval line with eval/kl and eval/reward")
     return points
@@ -172,8 +168,7 @@ def plot(result, path):
     ax.set_title("Reward-KL frontier (DPO paper, Fig. 2)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return f"wrote {path}"
 
@@ -208,8 +203,4 @@ def summary(result) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BAD_INPUT as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_code_of(main))

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from data.batches import check_batch_sizes, data_fingerprint, pairs_of, split_groups, truncate_groups
 from data.formats import load_preferences
-from errors import BAD_INPUT, ConfigError, Preempted, TrainingStopped
+from errors import ConfigError, exit_code_of
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
 from train.distributed import build_training_state, check_model_fits, setup_distributed
 from train.evaluation import evaluate, precompute_reference_logps, sample_texts
@@ -199,27 +199,17 @@ def export(cfg, state, device, log, final_metrics, counts, argv):
 
 
 def run(argv=None) -> int:
-    """The error boundary. Bad input (a config value, a data file, weights, a checkpoint, a run
-    directory in use): one line that names what and where, exit 2. A run stopped on purpose
-    (non-finite losses or weights): one line, exit 1. SIGTERM/SIGINT: a checkpoint, one line, exit
-    128 + the signal. Anything else is a bug or a failure of the machine: it propagates with its
-    traceback (exit 1). On every path the process group is destroyed after main's FSDP state is
-    freed, the run directory's lock released and the signal handlers restored."""
+    """The error boundary (errors.exit_code_of). Bad input (a config value, a data file, weights, a
+    checkpoint, a run directory in use): one line that names what and where, exit 2. A run stopped
+    on purpose (non-finite losses or weights): one line, exit 1. SIGTERM/SIGINT: a checkpoint, one
+    line, exit 128 + the signal. Anything else is a bug or a failure of the machine: it propagates
+    with its traceback (exit 1). On every path the process group is destroyed after main's FSDP
+    state is freed, the run directory's lock released and the signal handlers restored."""
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     stop_requests = StopRequests()
     stop_requests.install()
     try:
-        main(argv, stop_requests)
-        return 0
-    except BAD_INPUT as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingStopped as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except Preempted as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
+        return exit_code_of(main, argv, stop_requests)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -24,9 +24,10 @@ import sys
 import torch
 
 from data.tokenizer import decode
-from errors import BAD_INPUT, DataError, InputError
+from errors import DataError, InputError, exit_code_of
 from gpt2 import GPT
 from sample import continuations
+from train.distributed import resolve_device
 from train.reward import SPEC_HELP, load_reward
 from train.run_dir import write_atomic
 
@@ -137,7 +138,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     prompts = read_prompts(args.prompts)
     reward = load_reward(args.reward, device=str(device))
     model = GPT.from_pretrained(args.model, device=device).eval()
@@ -151,8 +152,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BAD_INPUT as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_code_of(main))

@@ -4,28 +4,20 @@
     python plot_metrics.py out/demo out/gpt2-sentiment --metrics loss,rewards/accuracies --out curves.png
 """
 import argparse
-import json
 import os
 import sys
 
-from errors import DataError
+from errors import DataError, InputError, exit_code_of
+from train.run_dir import read_metrics
 
 DEFAULT_METRICS = "loss,rewards/accuracies,rewards/margins,eval/rewards/accuracies,eval/kl"
 
 
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: not found; pass run directories (the out_dir of fsdp_train.py)")
-    lines = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    lines.append(json.loads(line))
-                except ValueError as err:
-                    raise DataError(f"{path}:line {number}: not a metrics record ({err})") from None
-    return lines
+def metrics_of(run_dir):
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise DataError(f"{os.path.join(run_dir, 'metrics.jsonl')}: not found; pass run directories (the out_dir of "
+                        "fsdp_train.py)")
+    return read_metrics(run_dir)
 
 
 def main(argv=None):
@@ -40,13 +32,9 @@ def main(argv=None):
         matplotlib.use("Agg")  # files only, no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("error: plot_metrics.py needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
+        raise InputError("plot_metrics.py needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')")
     names = [m for m in args.metrics.split(",") if m]
-    try:
-        runs = {run: read_metrics(run) for run in args.runs}
-    except DataError as err:  # one line, exit 2, as the trainer's bad input
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    runs = {run: metrics_of(run) for run in args.runs}
     fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), squeeze=False, sharex=True)
     for ax, name in zip(axes[:, 0], names):
         for run, lines in runs.items():
@@ -63,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code_of(main))

@@ -8,8 +8,10 @@ import sys
 import torch
 
 from data.batches import left_pad
-from data.tokenizer import decode, encode, EOT_ID
+from data.tokenizer import EOT_ID, decode, encode
+from errors import InputError, exit_code_of
 from gpt2 import GPT
+from train.distributed import resolve_device
 
 
 def continuations(model, prompts, max_new_tokens, temperature, top_k=None, top_p=None, seed=0, device="cpu",
@@ -18,6 +20,9 @@ def continuations(model, prompts, max_new_tokens, temperature, top_k=None, top_p
     draws come from `generator` when given (one stream over several batches), else from `seed`."""
     input_ids, mask = (t.to(device) for t in left_pad([encode(p) for p in prompts]))
     T = input_ids.size(1)
+    if T + max_new_tokens > model.config.n_positions:
+        raise InputError(f"a prompt of {T} tokens + max_new_tokens {max_new_tokens} is longer than the model's "
+                         f"{model.config.n_positions} positions; shorten the prompt or max_new_tokens")
     generator = generator or torch.Generator(device=device).manual_seed(seed)
     out = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, top_p=top_p, generator=generator)
@@ -42,21 +47,16 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     args = parser.parse_args(argv)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    device = resolve_device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts = args.prompt or ["The movie was", "My favourite thing about the city is", "Once upon a time"]
     prompts = [p for p in prompts for _ in range(args.num_samples)]
-    try:
-        model = GPT.from_pretrained(args.model, dtype=dtype, device=device, revision=args.revision)
-        rows = continuations(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                             args.seed, device)
-    except ValueError as err:  # bad input, one line and exit 2 as in fsdp_train.py: WeightsError (weights, the hub
-        # offline), InputError (a damaged tokenizer file), a prompt longer than the model's positions
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    model = GPT.from_pretrained(args.model, dtype=dtype, device=device, revision=args.revision)
+    rows = continuations(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                         device)
     for prompt, row in zip(prompts, rows):
         print(f"--- {prompt!r}\n{prompt}{decode(row)}\n")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_code_of(main))

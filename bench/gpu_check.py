@@ -43,6 +43,8 @@ import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train.run_dir import write_atomic  # noqa: E402
 LOG_CAP_BYTES = 1 << 20  # each command's log keeps its last MiB in the archive
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -129,10 +131,11 @@ def stage_commands(stage, args, work, timeout, comm_ok):
                 f"--out_dir={work}/demo"] + (["--precision=fp32", "--sharding=none", "--sft_steps=10",
                                               "--max_steps=2"] if args.device == "cpu" else [])
         eight = ["--pairs=8"] if args.device == "cuda" else []
-        return [("throughput_8_pairs", throughput(args, f"{work}/8_pairs", sizes(args, "gpt2,gpt2-medium,gpt2-large,gpt2-xl"),
-                                                  timeout / 3) + eight, {}),
+        all_sizes = sizes(args, "gpt2,gpt2-medium,gpt2-large,gpt2-xl")
+        return [("throughput_8_pairs", throughput(args, f"{work}/8_pairs", all_sizes, timeout / 3) + eight, {}),
                 ("throughput_xl_checkpointing", throughput(args, f"{work}/xl_checkpointing", sizes(args, "gpt2-xl"),
-                                                           timeout / 3, "--activation_checkpointing", "--impls=ours"), {}),
+                                                           timeout / 3, "--activation_checkpointing", "--impls=ours"),
+                 {}),
                 ("demo", demo, {})]
     raise ValueError(stage)
 
@@ -256,17 +259,10 @@ def junit_counts(path):
 
 def pack(work_root, out_dir):
     """Every stage's files as one archive in out_dir, replaced whole."""
-    tmp = os.path.join(out_dir, ".stages.tar.gz.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(work_root, arcname="stages")
-    os.replace(tmp, os.path.join(out_dir, "stages.tar.gz"))
-
-
-def write_json(path, value):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(work_root, arcname="stages")
+    write_atomic(os.path.join(out_dir, "stages.tar.gz"), write)
 
 
 def commit_of(args):
@@ -317,7 +313,7 @@ def main(argv=None):
             f.write(json.dumps(record) + "\n")
         summary["stages"][stage.name] = {"status": record["status"],
                                          **headline(stage.name, os.path.join(work_root, stage.name))}
-        write_json(os.path.join(out_dir, "summary.json"), summary)
+        write_atomic(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
         pack(work_root, out_dir)
     statuses = [s["status"] for s in summary["stages"].values()]
     log("gpu_check: done; " + ", ".join(f"{name} {s['status']}" for name, s in summary["stages"].items()))

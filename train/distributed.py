@@ -27,13 +27,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ----------------------------------------------------------------------------- process group
 
+def resolve_device(name: str) -> torch.device:
+    """The device every command means by cpu, cuda (or cuda:N) or auto (cuda when available)."""
+    if name not in ("auto", "cpu") and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but torch.cuda.is_available() is False")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def setup_distributed(cfg: TrainConfig):
     """(rank, world size, device, mesh). nccl on CUDA, gloo on CPU. Under torchrun the env://
     rendezvous; as a plain `python` a one-process group, so the code has one path for every world
     size. mesh is None for sharding=none (a plain module, one process)."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but torch.cuda.is_available() is False")
+    use_cuda = resolve_device(cfg.device).type == "cuda"
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" in os.environ:
         dist.init_process_group(backend)

@@ -188,6 +188,5 @@ def cache_matches(path, fingerprint) -> bool:
 
 
 def write_reference_cache(path, train, evals, fingerprint):
-    save_file({"train": train.cpu(), "eval": evals.cpu()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda tmp: save_file({"train": train.cpu(), "eval": evals.cpu()}, tmp))
     write_atomic(path + ".json", fingerprint)

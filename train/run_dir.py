@@ -19,14 +19,20 @@ from train.rank0 import on_rank0
 
 
 def write_atomic(path, data):
-    """Replace the file at `path` whole with `data` (str or bytes): written beside it, then renamed.
-    The temporary file is created anew, so the result has the usual mode 0o666 & ~umask (0644), never
-    the mode of a leftover from a crash."""
+    """Replace the file at `path` whole: written beside it, then renamed, so a crash leaves the old
+    file or the new one, never part of one. `data`: str or bytes, or a function that writes the file
+    at the path it is given (safetensors' save_file; a figure's savefig, told its format). The temporary file is
+    created anew, so the result has the usual mode 0o666 & ~umask (0644), never the mode of a
+    leftover from a crash. (gpt2.py, which imports nothing of the project, writes its export the same
+    way; data/formats.py streams a download into a temporary file and renames it.)"""
     tmp = path + ".tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
+    if callable(data):
+        data(tmp)
+    else:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
     os.replace(tmp, path)
 
 
@@ -168,20 +174,19 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
-def keep_metrics_until(out_dir, step: int, log=print):
-    """Keep metrics.jsonl's lines up to `step` (the checkpoint resumed from); step 0, a fresh
-    start, drops an earlier attempt's lines (its step-0 eval is recorded again). A torn last line
-    (the disk filled or the process died during an append) is dropped with a message; any other
+def read_metrics(out_dir, log=print) -> list[dict]:
+    """Every record of out_dir/metrics.jsonl in order ([] when the file does not exist). A torn last
+    line (the disk filled or the process died during an append) is dropped with a message; any other
     unreadable line is an error naming the file and line."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        return
+        return []
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
         lines.pop()  # every complete append ends with a newline
-    kept = []
+    records = []
     for number, raw in enumerate(lines, start=1):
         try:
             record = json.loads(raw)
@@ -192,9 +197,16 @@ def keep_metrics_until(out_dir, step: int, log=print):
                 log(f"{path}: dropping the torn last line {number} (an append was interrupted)")
                 continue
             raise DataError(f"{path}:line {number}: not a metrics record ({err}); fix or remove the line") from err
-        if step > 0 and record["step"] <= step:
-            kept.append(raw.decode() + "\n")
-    write_atomic(path, "".join(kept))
+        records.append(record)
+    return records
+
+
+def keep_metrics_until(out_dir, step: int, log=print):
+    """Keep metrics.jsonl's records up to `step` (the checkpoint resumed from); step 0, a fresh
+    start, drops an earlier attempt's lines (its step-0 eval is recorded again)."""
+    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        kept = [record for record in read_metrics(out_dir, log) if step > 0 and record["step"] <= step]
+        write_atomic(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def write_config(cfg: TrainConfig):
