@@ -24,6 +24,9 @@ class WeightsError(ValueError):
 
 
 EOT_ID = 50256  # <|endoftext|>, GPT-2's end-of-text token
+# The LM head is tied to the token embedding: one parameter under two names. Files store it once, as
+# TIED_TO (transformers' files do too); every state dict in memory carries both names.
+TIED_HEAD, TIED_TO = "lm_head.weight", "transformer.wte.weight"
 
 
 # ----------------------------------------------------------------------------- config
@@ -268,7 +271,20 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, two names
+        self.tie_weights()
+
+    def tie_weights(self):
+        """lm_head.weight is wte.weight (TIED_HEAD): again after anything that replaces either tensor."""
+        self.lm_head.weight = self.transformer.wte.weight
+        return self
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty gives each name its own new tensor, which unties the head: tied again. (Under
+        FSDP2 the parameters are swapped in place and stay one.)"""
+        super().to_empty(device=device, recurse=recurse)
+        if self.lm_head.weight is not self.transformer.wte.weight:
+            self.tie_weights()
+        return self
 
     def init_weights(self, seed: int | None = None):
         """GPT-2's initialisation (normal 0.02; residual projections scaled by 1/sqrt(2 * n_layer))."""
@@ -401,8 +417,7 @@ class GPT(nn.Module):
             model = cls(config)
         state_dict = read_hf_state_dict(path, config, dtype=dtype, device=device)
         model.load_state_dict(state_dict, strict=False, assign=True)  # lm_head is tied, not in the dict
-        model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced wte: tie again
-        return model.eval()
+        return model.tie_weights().eval()  # assign=True replaced wte
 
     def save_pretrained(self, out_dir: str):
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
@@ -450,21 +465,37 @@ WEIGHT_PATTERNS = ["config.json", "model.safetensors", "model-*-of-*.safetensors
 
 
 def resolve_checkpoint_dir(name_or_dir: str, revision=None, cache_dir=None) -> str:
+    """A local model directory as it is; a hub id ("gpt2" is openai-community/gpt2) fetched (hub_snapshot)."""
     if os.path.isdir(name_or_dir):
         return name_or_dir
-    if name_or_dir.startswith(("/", ".", "~")) or name_or_dir.count("/") > 1:  # a path, not "org/name"
+    if looks_like_a_path(name_or_dir):
         raise WeightsError(f"{name_or_dir}: no such directory (and not a hub id like 'gpt2' or 'org/name')")
-    from huggingface_hub import snapshot_download  # imported here: local loading needs no hub client
     repo_id = name_or_dir if "/" in name_or_dir else f"openai-community/{name_or_dir}"
+    return hub_snapshot(repo_id, WEIGHT_PATTERNS, revision=revision, cache_dir=cache_dir,
+                        holding="config.json and model.safetensors")
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A filesystem path rather than a hub id ("gpt2", "org/name")."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def hub_snapshot(repo_id, allow_patterns, revision=None, cache_dir=None, repo_type=None, error=WeightsError,
+                 holding="its files", what=""):
+    """The one way this project fetches from the Hugging Face hub (weights here; a reward classifier,
+    train/reward.py; a dataset, data/formats.py): the files of repo_id that match allow_patterns,
+    through huggingface_hub's cache, which honours HF_HUB_OFFLINE, HF_HUB_CACHE and `revision`; the
+    local snapshot directory. Any failure (offline without a cache, an unknown or gated repo) raises
+    `error` naming the repo and saying how to work offline."""
+    from huggingface_hub import snapshot_download  # imported here: local loading needs no hub client
     try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=WEIGHT_PATTERNS)
+        return snapshot_download(repo_id, repo_type=repo_type, revision=revision, cache_dir=cache_dir,
+                                 allow_patterns=allow_patterns)
     except Exception as err:  # offline, unknown repo, gated repo...: say which and how to fix it
-        raise WeightsError(
-            f"could not fetch {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
-            f"{type(err).__name__}: {err}\nOffline? Download it once on a connected machine "
-            f"(hf download {repo_id}) and set HF_HUB_OFFLINE=1, or pass a local directory "
-            "holding config.json and model.safetensors."
-        ) from err
+        kind = f" --repo-type {repo_type}" if repo_type else ""
+        raise error(f"could not fetch {what}{repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
+                    f"{type(err).__name__}: {err}\nOffline? Download it once on a connected machine (hf download "
+                    f"{repo_id}{kind}) and set HF_HUB_OFFLINE=1, or pass a local directory holding {holding}.") from err
 
 
 def read_hf_config(path: str) -> GPTConfig:
@@ -548,7 +579,7 @@ def keys_to_read(file: str, present: list[str], assigned: list[str] | None, assi
 
 def hf_key_to_ours(key: str) -> str | None:
     """Map a checkpoint key to our parameter name; None for keys to skip (buffers, tied head)."""
-    if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+    if key.endswith((".attn.bias", ".attn.masked_bias")) or key == TIED_HEAD:
         return None  # causal-mask buffers of old files, and the head that is tied to wte
     return key if key.startswith("transformer.") else "transformer." + key  # hub's original files: no prefix
 
@@ -561,7 +592,7 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
     (keys_to_read). Missing, unexpected and mis-shaped keys are reported together in one error.
     """
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != "lm_head.weight"}
+        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != TIED_HEAD}
     state_dict, read_from, unexpected, wrong_shape, files = {}, {}, [], [], weight_files(path)
     assigned_file = {key: file for file, keys in files.items() for key in keys or ()}
     for file, assigned in files.items():
@@ -602,7 +633,7 @@ def write_hf_checkpoint(config: GPTConfig, state_dict: dict, out_dir: str):
     os.makedirs(out_dir, exist_ok=True)
     tensors = {}
     for name, tensor in state_dict.items():
-        if name == "lm_head.weight":
+        if name == TIED_HEAD:
             continue
         tensor = tensor.detach().cpu()
         tensors[name] = (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).contiguous()

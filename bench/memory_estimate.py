@@ -167,8 +167,7 @@ def saved_tensor_bytes(config: GPTConfig, dtype, batch, checkpointing: bool, hea
     a checkpointed block's inputs are saved through these hooks, its insides are recomputed."""
     with torch.device("meta"):
         model = GPT(config).to(dtype)
-    model.to_empty(device="cpu")
-    model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them
+    model.to_empty(device="cpu")  # GPT.to_empty ties the head again
     model.init_weights(seed=0)
     model.head_precision = head_precision  # as distributed.build_model sets it: fp32 saves an fp32 copy of the head
     model = distributed.parallelize(model, dataclasses.replace(train_config.TrainConfig(), compile=False,

@@ -27,6 +27,7 @@ from data.demo import demo_texts
 from data.records import check_exists, json_records, parquet_records
 from data.tokenizer import EOT_ID, VOCAB_SIZE, encode
 from errors import ConfigError, DataError
+from gpt2 import hub_snapshot
 
 
 @dataclass
@@ -321,17 +322,9 @@ def resolve_hub_dataset(name_or_dir, split, revision=None, cache_dir=None) -> tu
         raise ConfigError(f"data_path {name_or_dir!r}: no such directory, and not a hub dataset id like 'org/name' "
                           "(or 'org/name/subdir')")
     repo_id, subdir = "/".join(parts[:2]), "/".join(parts[2:])
-    from huggingface_hub import snapshot_download  # imported here: local files need no hub client
     patterns = [f"{subdir + '/' if subdir else ''}*{split}*{suffix}" for suffix in HUB_DATA_SUFFIXES]
-    try:
-        return snapshot_download(repo_id, repo_type="dataset", revision=revision or None, cache_dir=cache_dir,
-                                 allow_patterns=patterns), subdir
-    except Exception as err:  # offline, unknown repo, gated repo...: say which and how to fix it
-        raise DataError(
-            f"could not fetch the dataset {repo_id!r} (revision {revision or 'main'}) from the Hugging Face hub: "
-            f"{type(err).__name__}: {err}\nOffline? Download it once on a connected machine "
-            f"(hf download {repo_id} --repo-type dataset) and set HF_HUB_OFFLINE=1, or pass a local directory."
-        ) from err
+    return hub_snapshot(repo_id, patterns, revision=revision or None, cache_dir=cache_dir, repo_type="dataset",
+                        error=DataError, holding="the split's files", what="the dataset "), subdir
 
 
 def split_files(directory, subdir, split):

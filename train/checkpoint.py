@@ -28,11 +28,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from errors import CheckpointError, TrainingStopped
+from gpt2 import TIED_HEAD, TIED_TO
 from train import safe_dcp
 from train.rank0 import on_rank0
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-TIED_HEAD, TIED_WITH = "lm_head.weight", "transformer.wte.weight"  # one parameter under two names
 
 
 def checkpoint_root(out_dir):
@@ -242,7 +242,7 @@ def load_checkpoint(path, model, optimizer) -> dict:
         raise RuntimeError(f"{path}: could not load this checkpoint ({failure_text(err)}). "
                            "Was it written with another model size or config? Delete it to start over, "
                            "or point out_dir elsewhere.") from err
-    state["model"][TIED_HEAD] = state["model"][TIED_WITH]
+    state["model"][TIED_HEAD] = state["model"][TIED_TO]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return train_state
 

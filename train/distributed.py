@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from errors import ConfigError
-from gpt2 import GPT, GPTConfig, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
+from gpt2 import GPT, GPTConfig, TIED_HEAD, TIED_TO, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
 from train.config import TrainConfig, check_positions, check_sharding, reference_precision_name
 from train.optim import LossScaler, make_optimizer
 from train.rank0 import on_rank0
@@ -126,13 +126,12 @@ def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:
         with torch.device("meta"):  # initialised once, by init_weights (not first by nn.Linear's defaults)
             model = GPT(config)
         model.to_empty(device="cpu")
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them; tie again
         state_dict.update(model.init_weights(seed=cfg.seed).state_dict())
     else:
         path = resolve_checkpoint_dir(cfg.init_from)
         config = read_hf_config(path)
         state_dict.update(read_hf_state_dict(path, config))
-        state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]
+        state_dict[TIED_HEAD] = state_dict[TIED_TO]
     return {"config": dataclasses.asdict(config), "weights_sha256": weights_fingerprint(state_dict)}
 
 
@@ -159,7 +158,6 @@ def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
     if mesh is None:  # one process, no FSDP: load, then wrap (checkpointing renames the blocks' keys)
         model.to_empty(device=device)
         model.load_state_dict(state_dict)
-        model.lm_head.weight = model.transformer.wte.weight  # to_empty untied them; tie again
         return parallelize(model, cfg, mesh, compute_dtype, trainable).train(trainable)
     model = parallelize(model, cfg, mesh, compute_dtype, trainable)
     model.to_empty(device=device)

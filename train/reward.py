@@ -18,6 +18,7 @@ import importlib.util
 import os
 
 from errors import ConfigError
+from gpt2 import hub_snapshot, looks_like_a_path
 
 SPEC_HELP = ("vader (offline sentiment lexicon; pip install vaderSentiment), hf:<hub id or directory> "
              "(a text-classification model's positive-class probability; needs transformers), "
@@ -48,15 +49,10 @@ def fetch_reward(spec: str) -> str:
     backend, _, model = spec.partition(":")
     if backend == "vader" or os.path.isdir(model):
         return model
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path, not "org/name"
+    if looks_like_a_path(model):
         raise ConfigError(f"reward classifier {model!r}: no such directory (and not a hub id like 'org/name')")
-    from huggingface_hub import snapshot_download
-    try:
-        return snapshot_download(model, allow_patterns=CLASSIFIER_PATTERNS)
-    except Exception as err:  # offline without a cache, unknown or gated repo: say which and what to do
-        raise ConfigError(f"reward={spec}: could not fetch {model!r} from the Hugging Face hub ({type(err).__name__}); "
-                          f"download it once on a connected machine (hf download {model}) and set "
-                          "HF_HUB_OFFLINE=1, or pass a local directory") from err
+    return hub_snapshot(model, CLASSIFIER_PATTERNS, error=ConfigError, holding="the classifier's config.json, "
+                        "model.safetensors and tokenizer files")
 
 
 def load_reward(spec: str, device="cpu"):
