@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from data.batches import PackedBatch, PairBatch
+from gpt2 import padding_inputs
 from errors import ConfigError
 
 # --- log-probs
@@ -95,7 +96,7 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
     B, T = input_ids.shape
     target_positions = response_mask.flatten().nonzero().squeeze(1)  # (N,) flat, row-major
     logps, _ = scored_token_sums(model, input_ids, target_positions - 1, input_ids.flatten()[target_positions],
-                                 target_positions // T, B, attention_mask=attention_mask)
+                                 target_positions // T, B, **padded_model_inputs(attention_mask))
     if average:
         logps = logps / response_mask.sum(-1).clamp(min=1)
     return logps
@@ -111,8 +112,17 @@ def span_logps(model, input_ids, start, attention_mask, token_mask):
     predictor_index = (rows[:, None] * T + torch.arange(start - 1, T - 1, device=input_ids.device)).flatten()
     logps, _ = scored_token_sums(model, input_ids, predictor_index, input_ids[:, start:].flatten(),
                                  rows.repeat_interleave(span), B, token_weight=token_mask[:, start:].flatten().float(),
-                                 attention_mask=attention_mask)
+                                 **padded_model_inputs(attention_mask))
     return logps
+
+
+def padded_model_inputs(attention_mask):
+    """The model's position_ids and mask for rows padded as the (B, T) attention_mask says; none for
+    None (right padding, where plain causal attention is exact)."""
+    if attention_mask is None:
+        return {}
+    position_ids, mask = padding_inputs(attention_mask)
+    return {"position_ids": position_ids, "mask": mask}
 
 
 def sft_loss(model, batch: PairBatch):
@@ -151,7 +161,7 @@ def concatenated_logps(model, batch: PairBatch | PackedBatch) -> PairLogps:
     if isinstance(batch, PackedBatch):
         sequence_of_token, n_sequences, lengths = batch.target_slot, batch.slot_lengths.size(0), batch.slot_lengths
         chosen, rejected = batch.chosen_slot, batch.rejected_slot
-        model_inputs = {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+        model_inputs = {"mask": batch.attention_mask[:, None], "position_ids": batch.position_ids}  # (G, 1, L, L)
     elif isinstance(batch, PairBatch):
         sequence_of_token, n_sequences = batch.target_row, batch.input_ids.size(0)
         lengths = batch.response_mask.sum(-1)

@@ -3,7 +3,7 @@
 The module names mirror transformers' GPT2LMHeadModel (transformer.h.N.attn.c_attn, ...) so that
 a checkpoint maps onto it key by key; the only rewrite is the transpose of HF's Conv1D weights.
 Parallelism (FSDP, activation checkpointing) is applied to this model from outside, in
-fsdp_train.py; nothing here knows about it. This file imports only torch, safetensors and
+train/distributed.py (parallelize); nothing here knows about it. This file imports only torch, safetensors and
 huggingface_hub.
 """
 import json
@@ -303,53 +303,43 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache=None,
-                logits_at=None, return_hidden=False):
-        """Logits for a batch of token ids.
+    def forward(self, input_ids, position_ids=None, mask=None, kv_cache=None, logits_at=None):
+        """Logits for a batch of token ids, in the spirit of gpt-fast's forward(idx, input_pos): the
+        caller builds the positions and the mask; the model only applies them.
 
         input_ids: (B, T) long.
-        attention_mask: None for unpadded or right-padded batches (causal attention; positions
-            after a sequence's end are garbage but never read back by causal rows before them).
-            (B, S) with 1/True on real tokens for left-padded batches, S = cached + T; or a full
-            bool mask (B, T, S) / (B, 1, T, S), True where a query may attend to a key.
-        position_ids: (B, T); by default counted from each row's first real token when a (B, S)
-            attention_mask is given (as transformers' generate does), else 0..T-1 (+ cached).
+        position_ids: (B, T) long; default 0..T-1 after what kv_cache holds. Left-padded rows count
+            from their first real token: padding_inputs builds both for them.
+        mask: None for causal attention over unpadded or right-padded rows (positions after a row's
+            end are garbage but never read back by the causal rows before them); else a bool
+            (B, 1, T, S), True where a query may attend to a key, S = cached + T: padding_inputs'
+            for left padding, data.batches' for packed rows. With a KV cache holding anything a
+            mask is needed (causal attention of T new queries over S keys is not top-left aligned).
         logits_at: optional bool mask (B, T), or long (N,) indices into the B*T flattened positions
             (repeats allowed). The LM head (n_embd x 50257) is the largest matmul at DPO's lengths,
             and most positions are prompt tokens whose logits are never used: with this, logits are
             computed only at those positions and returned packed, (N, vocab), in mask (row-major) or
             index order. Nothing reads the other positions after the last block's attention, so its
             MLP and ln_f run only at these positions too.
-        return_hidden: return the final hidden states (B, T, n_embd) after ln_f instead of logits.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
-        attn_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask.bool()  # (B, S)
-            if position_ids is None:
-                position_ids = (token_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            attn_mask = padding_attention_mask(token_mask, T)
-        elif attention_mask is not None:
-            attn_mask = attention_mask if attention_mask.dim() == 4 else attention_mask[:, None]
-        elif kv_cache is not None and past > 0:
-            attn_mask = padding_attention_mask(torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device), T)
+        if mask is None and past > 0:
+            raise ValueError("a forward after a filled KV cache needs its mask (padding_inputs)")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
 
         keep = None  # (N,) flat positions whose logits are wanted; the last block keeps only them
-        if logits_at is not None and not return_hidden:
+        if logits_at is not None:
             keep = logits_at.flatten().nonzero().squeeze(1) if logits_at.dtype == torch.bool else logits_at
 
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         last = len(self.transformer.h) - 1
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, keep if i == last else None)  # (B, T, C); (N, C) after the last
+            x = block(x, mask, kv_cache, keep if i == last else None)  # (B, T, C); (N, C) after the last
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        if return_hidden:
-            return x  # (B, T, C)
         if keep is not None and x.dtype in (torch.bfloat16, torch.float16):
             # The scored rows' logits in fp32: in bf16 a logit of 32-64 is rounded to a multiple of 0.25
             # before the log-softmax. How the fp32 logits are computed: self.head_precision.
@@ -385,7 +375,8 @@ class GPT(nn.Module):
             model_input = step_input if use_cache else tokens
             last_positions = torch.arange(1, B + 1, device=device) * model_input.size(1) - 1  # flat (B,)
             # logits only at each row's last position: the prompt's other positions need none
-            logits = self(model_input, attention_mask=token_mask, kv_cache=kv_cache if use_cache else None,
+            position_ids, mask = padding_inputs(token_mask, model_input.size(1))
+            logits = self(model_input, position_ids, mask, kv_cache=kv_cache if use_cache else None,
                           logits_at=last_positions)  # (B, V)
             next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
@@ -422,6 +413,16 @@ class GPT(nn.Module):
     def save_pretrained(self, out_dir: str):
         """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
         write_hf_checkpoint(self.config, self.state_dict(), out_dir)
+
+
+def padding_inputs(token_mask, T=None):
+    """(B, S) real-token mask of left- (or right-) padded rows -> the forward's (position_ids (B, T),
+    mask (B, 1, T, S)) for their last T positions (default all S): positions counted from each row's
+    first real token, as transformers' generate counts them; the mask causal, never attending to pads."""
+    token_mask = token_mask.bool()
+    T = token_mask.size(1) if T is None else T
+    position_ids = (token_mask.long().cumsum(-1) - 1).clamp(min=0)[:, token_mask.size(1) - T:]
+    return position_ids, padding_attention_mask(token_mask, T)
 
 
 def padding_attention_mask(token_mask, T):

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import ROOT
-from gpt2 import GPT, GPTConfig, PRESETS, WeightsError, sample_next_token
+from gpt2 import GPT, GPTConfig, PRESETS, WeightsError, padding_inputs, sample_next_token
 
 TOL = 1e-5  # max |ours - transformers| / max |transformers|, fp32
 
@@ -105,10 +105,10 @@ def test_padded_batches_match_transformers_on_real_tokens(small_pair, side):
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         ref = hf(input_ids, attention_mask=mask, position_ids=position_ids).logits
-        assert relative_error(ours(input_ids, attention_mask=mask), ref, mask) <= TOL
+        assert relative_error(ours(input_ids, *padding_inputs(mask)), ref, mask) <= TOL
         if side == "right":  # right padding needs no mask at all: causal rows never see later pads
             assert relative_error(ours(input_ids), ref, mask) <= TOL
-        assert torch.isfinite(ours(input_ids, attention_mask=mask)).all()
+        assert torch.isfinite(ours(input_ids, *padding_inputs(mask))).all()
 
 
 def test_logits_at_gives_logits_only_at_chosen_positions(small_pair):
@@ -118,14 +118,12 @@ def test_logits_at_gives_logits_only_at_chosen_positions(small_pair):
     with torch.no_grad():
         packed = ours(input_ids, logits_at=chosen)
         ref = hf(input_ids).logits[chosen]
-        hidden = ours(input_ids, return_hidden=True)
         flat_index = torch.tensor([5, 0, 5, 13])  # (row 0, pos 5), (0, 0), again, (row 1, pos 1)
         indexed = ours(input_ids, logits_at=flat_index)
     assert packed.shape == (int(chosen.sum()), 50257)
     assert relative_error(packed, ref) <= TOL
     ref_indexed = hf(input_ids).logits[[0, 0, 0, 1], [5, 0, 5, 1]]
     assert relative_error(indexed, ref_indexed) <= TOL
-    assert hidden.shape == (*input_ids.shape, 64)
 
 
 def test_round_trip_ours_to_transformers(tmp_path, small_pair):
@@ -378,6 +376,14 @@ def test_top_k_and_top_p_restrict_the_sampled_set():
     assert abs((cold == 0).float().mean().item() - 0.25 / (0.25 + 0.09 + 0.0225 + 0.0025)) < 0.03
 
 
+def final_hidden_states(model, ids):
+    """(B, T, C) after ln_f, every position, written out here: the model returns only logits."""
+    x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(ids.size(1)))
+    for block in model.transformer.h:
+        x = block(x)
+    return model.transformer.ln_f(x)
+
+
 def test_scored_logits_of_a_bf16_model_are_computed_in_fp32():
     """Under bf16/fp16 the LM head runs in fp32 on the rows asked for (logits_at): the logits equal
     the fp64 product of the same bf16 hidden states and head weights, not their bf16 rounding."""
@@ -389,7 +395,7 @@ def test_scored_logits_of_a_bf16_model_are_computed_in_fp32():
     rows = torch.tensor([3, 9, 15])
     with torch.no_grad():
         logits = model(ids, logits_at=rows)
-        hidden = model(ids, return_hidden=True).flatten(0, 1)[rows]
+        hidden = final_hidden_states(model, ids).flatten(0, 1)[rows]
     expected = hidden.double() @ model.lm_head.weight.double().t()
     assert logits.dtype == torch.float32 and expected.abs().max() > 16
     assert (logits.double() - expected).abs().max() < 1e-3 * expected.abs().max()
