@@ -31,7 +31,7 @@ from generate_pairs import generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
 from train.distributed import resolve_device
 from train.reward import check_reward_spec, load_reward
-from train.run_dir import read_metrics, write_atomic
+from train.run_dir import final_dir, read_metrics, write_atomic
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ def train(cfg: FrontierConfig, name, options, log):
         raise ConfigError(f"the {name} run stopped on bad input (the error above)")
     if exit_code != 0:
         raise RuntimeError(f"the {name} run failed with exit code {exit_code} (its messages are above)")
-    return os.path.join(cfg.out_dir, name, "final")
+    return final_dir(os.path.join(cfg.out_dir, name))
 
 
 # ----------------------------------------------------------------------------- the stages

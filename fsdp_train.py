@@ -12,7 +12,6 @@ evaluation, samples and the precomputed reference (evaluation.py).
 Launching the same command again on an out_dir with a complete checkpoint resumes from it.
 """
 import json
-import os
 import resource
 import sys
 import time
@@ -34,8 +33,8 @@ from train.preemption import StopRequests
 from train.rank0 import on_rank0
 from train.resume import run_identity, save, start_or_resume, stop_after_signal
 from train.reward import fetch_reward
-from train.run_dir import (MetricsLog, check_shared_out_dir, check_writable, lock_run_dir, unlock_run_dirs,
-                           write_samples_before, write_samples_table)
+from train.run_dir import (MetricsLog, check_shared_out_dir, check_writable, final_dir, lock_run_dir, metrics_file,
+                           unlock_run_dirs, write_samples_before, write_samples_table)
 from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
 from train.warm_start import sft_pairs, warm_start
 
@@ -190,12 +189,12 @@ def main(argv=None, stop_requests=None):
 def export(cfg, state, device, log, final_metrics, counts, argv):
     """Collective: the trained policy as out_dir/final/, a Hugging Face model folder (weights, config,
     GPT-2's tokenizer, generation config, model card; export.py), rank 0 writing."""
-    final = os.path.join(cfg.out_dir, "final")
+    final = final_dir(cfg.out_dir)
     full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     on_rank0(write_export, device, f"export {final}", final, state.config, full, cfg, final_metrics, counts,
              training_command(argv))
     log(f"exported {final} (a transformers model folder with its tokenizer and model card); metrics in "
-        f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}")
+        f"{metrics_file(cfg.out_dir)}")
 
 
 def run(argv=None) -> int:

@@ -31,12 +31,13 @@ from errors import CheckpointError, TrainingStopped
 from gpt2 import TIED_HEAD, TIED_TO
 from train import safe_dcp
 from train.rank0 import on_rank0
+from train.run_dir import checkpoints_dir
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 def checkpoint_root(out_dir):
-    return os.path.join(out_dir, "checkpoints")
+    return checkpoints_dir(out_dir)
 
 
 def step_dirs(out_dir, step) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from data.tokenizer import EOT_ID, decode
 from dpo import PairLogps, concatenated_logps, dpo_loss, span_logps
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
-from train.run_dir import write_atomic
+from train.run_dir import reference_cache_file, write_atomic
 
 
 def map_pairs(pairs, fn, cfg, rank, world, device):
@@ -168,7 +168,7 @@ def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, wo
     """Reference log-probs of every pair ((N, 2) chosen, rejected, summed over tokens), cached in
     out_dir/reference_logps.safetensors. The cache is reused only when its key, the run identity
     (which holds the fingerprints of the data and of the starting weights), matches."""
-    path = os.path.join(cfg.out_dir, "reference_logps.safetensors")
+    path = reference_cache_file(cfg.out_dir)
     fingerprint = json.dumps(identity, sort_keys=True)
     if on_rank0(cache_matches, device, f"read {path}.json", path, fingerprint):  # rank 0 decides for all
         cached = load_file(path, device=str(device))

@@ -1,6 +1,7 @@
-"""The run directory (out_dir), as rank 0 writes it: config.yaml, metrics.jsonl (and W&B), the
-sample files (samples.md, the before/after table). Files are replaced whole (written beside, then renamed), so a crash leaves the old
-file or the new one. The checkpoints under out_dir/checkpoints/ are checkpoint.py's.
+"""The run directory (out_dir): its layout (every path in it is named here, once), and what rank 0
+writes there: config.yaml, metrics.jsonl (and W&B), the sample files (samples.md, the before/after
+table). Files are replaced whole (written beside, then renamed), so a crash leaves the old file or
+the new one. What is inside checkpoints/ is checkpoint.py's.
 """
 import dataclasses
 import fcntl
@@ -17,6 +18,42 @@ from errors import ConfigError, DataError
 from train.config import TrainConfig, dump_config
 from train.rank0 import on_rank0
 
+
+# ----------------------------------------------------------------------------- the layout
+
+def metrics_file(out_dir):  # one JSON object per log line (MetricsLog)
+    return os.path.join(out_dir, "metrics.jsonl")
+
+
+def config_file(out_dir):  # the resolved config
+    return os.path.join(out_dir, "config.yaml")
+
+
+def samples_file(out_dir):  # the before/after table
+    return os.path.join(out_dir, "samples.md")
+
+
+def samples_before_file(out_dir):  # the "before" samples, kept for the table at the end
+    return os.path.join(out_dir, "samples_before.json")
+
+
+def checkpoints_dir(out_dir):  # checkpoint.py's: step_N/, .tmp_step_N/
+    return os.path.join(out_dir, "checkpoints")
+
+
+def reference_cache_file(out_dir):  # precompute_reference's log-probs (evaluation.py)
+    return os.path.join(out_dir, "reference_logps.safetensors")
+
+
+def sft_dir(out_dir):  # the SFT warm start's model and recipe (warm_start.py)
+    return os.path.join(out_dir, "sft")
+
+
+def final_dir(out_dir):  # the export: a Hugging Face model folder (export.py)
+    return os.path.join(out_dir, "final")
+
+
+# ----------------------------------------------------------------------------- atomic writes
 
 def write_atomic(path, data):
     """Replace the file at `path` whole: written beside it, then renamed, so a crash leaves the old
@@ -145,7 +182,7 @@ class MetricsLog:
     holds one and calls `record` with the same values; rank 0 writes."""
 
     def __init__(self, cfg: TrainConfig, device):
-        self.path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.path = metrics_file(cfg.out_dir)
         self.device, self.wandb_run = device, None
         if cfg.wandb_log:
             on_rank0(self._start_wandb, device, "start Weights & Biases", cfg)
@@ -178,7 +215,7 @@ def read_metrics(out_dir, log=print) -> list[dict]:
     """Every record of out_dir/metrics.jsonl in order ([] when the file does not exist). A torn last
     line (the disk filled or the process died during an append) is dropped with a message; any other
     unreadable line is an error naming the file and line."""
-    path = os.path.join(out_dir, "metrics.jsonl")
+    path = metrics_file(out_dir)
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -204,13 +241,13 @@ def read_metrics(out_dir, log=print) -> list[dict]:
 def keep_metrics_until(out_dir, step: int, log=print):
     """Keep metrics.jsonl's records up to `step` (the checkpoint resumed from); step 0, a fresh
     start, drops an earlier attempt's lines (its step-0 eval is recorded again)."""
-    if os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+    if os.path.exists(metrics_file(out_dir)):
         kept = [record for record in read_metrics(out_dir, log) if step > 0 and record["step"] <= step]
-        write_atomic(os.path.join(out_dir, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(metrics_file(out_dir), "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def write_config(cfg: TrainConfig):
-    write_atomic(os.path.join(cfg.out_dir, "config.yaml"), dump_config(cfg))
+    write_atomic(config_file(cfg.out_dir), dump_config(cfg))
 
 
 # ----------------------------------------------------------------------------- the before/after samples
@@ -248,13 +285,13 @@ def write_samples_before(cfg, prompts, before, rewards=None):
     so that the table at the end finds them even if n_samples (and so the prompts) changed on a resume."""
     texts = [decode(p) for p in prompts]
     rewards = rewards or [None] * len(texts)
-    write_atomic(os.path.join(cfg.out_dir, "samples_before.json"),
+    write_atomic(samples_before_file(cfg.out_dir),
                  json.dumps({text: [sample, reward] for text, sample, reward in zip(texts, before, rewards)}))
-    write_atomic(os.path.join(cfg.out_dir, "samples.md"), samples_table(texts, before, ["(training)"] * len(before)))
+    write_atomic(samples_file(cfg.out_dir), samples_table(texts, before, ["(training)"] * len(before)))
 
 
 def write_samples_table(cfg, prompts, after, log, after_rewards=None):
-    path = os.path.join(cfg.out_dir, "samples_before.json")
+    path = samples_before_file(cfg.out_dir)
     before_by_prompt = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -267,5 +304,5 @@ def write_samples_table(cfg, prompts, after, log, after_rewards=None):
     before_rewards = [None if isinstance(b, str) else b[1] for b in before]
     with_reward = after_rewards is not None or any(r is not None for r in before_rewards)
     table = samples_table(texts, before_texts, after, before_rewards if with_reward else None, after_rewards)
-    write_atomic(os.path.join(cfg.out_dir, "samples.md"), table)
+    write_atomic(samples_file(cfg.out_dir), table)
     log("\n" + table)

@@ -16,6 +16,7 @@ from train import checkpoint
 from train.distributed import TrainingState, build_training_state
 from train.optim import lr_at
 from train.rank0 import on_rank0
+from train import run_dir
 from train.run_dir import write_atomic
 from train.step import assemble_step, reduce_across_ranks, train_step
 
@@ -27,7 +28,7 @@ def warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log) ->
     out_dir/sft/ when its sft.json matches, so a resumed DPO run keeps the same reference; an SFT
     stage cut short is redone from the start (it has no checkpoints of its own)."""
     state = build_training_state(dataclasses.replace(cfg, reference_free=True), rank, device, mesh)  # SFT needs none
-    sft_dir = os.path.join(cfg.out_dir, "sft")
+    sft_dir = run_dir.sft_dir(cfg.out_dir)
     recipe = {"from_weights_sha256": state.weights_sha256, "data_sha256": data_sha256, "sft_steps": cfg.sft_steps,
               "sft_lr": cfg.sft_lr or cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed}
     if on_rank0(sft_recipe_of, device, f"read {sft_dir}/sft.json", sft_dir) != recipe:
