@@ -22,13 +22,12 @@ import json
 import os
 import sys
 
-import yaml
-
 from data.demo import demo_texts
 from errors import ConfigError, exit_code_of
 import fsdp_train
 from generate_pairs import generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
+from train.config import read_yaml
 from train.distributed import resolve_device
 from train.reward import check_reward_spec, load_reward
 from train.run_dir import final_dir, read_metrics, write_atomic
@@ -47,11 +46,7 @@ class FrontierConfig:
 
 
 def read_config(path) -> FrontierConfig:
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read ({err})") from err
+    raw = read_yaml(path)
     fields = {f.name for f in dataclasses.fields(FrontierConfig)}
     defaults = {"sft": None, "preferred_ft": None, "betas": [0.05, 0.1, 1.0, 5.0], "generation": {}, "dpo": {}}
     if not isinstance(raw, dict) or set(raw) - fields or fields - set(raw) - set(defaults):

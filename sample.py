@@ -3,6 +3,7 @@
     python sample.py --model gpt2 --prompt "The movie was" --num_samples 3
 """
 import argparse
+import math
 import sys
 
 import torch
@@ -30,6 +31,21 @@ def continuations(model, prompts, max_new_tokens, temperature, top_k=None, top_p
     return [row[:row.index(EOT_ID)] if EOT_ID in row else row for row in rows]
 
 
+def check_sampling_options(args):
+    """Values sampling cannot use, refused in one line before the model is loaded."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise InputError(f"--temperature must be a finite number >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top_k must be >= 1, got {args.top_k}")
+    for name in ("num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.prompt is not None and not all(args.prompt):
+        raise InputError("--prompt is empty: a continuation needs at least one token to follow")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2",
@@ -46,7 +62,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
     args = parser.parse_args(argv)
-
+    check_sampling_options(args)
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     prompts = args.prompt or ["The movie was", "My favourite thing about the city is", "Once upon a time"]

@@ -408,3 +408,55 @@ def test_a_bug_keeps_its_traceback_and_is_not_called_bad_input(tmp_path, monkeyp
     with pytest.raises(ValueError, match="do not broadcast"):
         fsdp_train.run([*TINY, f"--out_dir={tmp_path}"])
     assert not torch.distributed.is_initialized()  # the group is destroyed on this path too
+
+
+# ----------------------------------------------------------------------------- hostile and bad input
+
+def test_a_yaml_alias_bomb_and_deep_nesting_are_refused_at_once_in_one_short_line(tmp_path):
+    """439 bytes of nested aliases expand to gigabytes ('billion laughs'): refused before expanding,
+    and no message prints a value whole."""
+    import time
+
+    from errors import ConfigError
+    from train.config import parse_args
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text('a: &a ["x","x","x","x","x","x","x","x","x"]\n' + "".join(
+        f"{c}: &{c} [{','.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi")) + "lr: *i\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lr: " + "[" * 20000 + "]" * 20000 + "\n")
+    huge_value = tmp_path / "huge.yaml"
+    huge_value.write_text("lr: " + "9" * 100000 + "x\n")
+    for path, expected in ((bomb, "aliases"), (deep, "nested too deeply"), (huge_value, "lr must be float")):
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match=expected) as refused:
+            parse_args(["--config_file", str(path)])
+        assert time.perf_counter() - start < 2 and len(str(refused.value)) < 500
+    for path, expected in ((tmp_path, "not a regular file"), (tmp_path / "none.yaml", "no such file")):
+        with pytest.raises(ConfigError, match=expected):
+            parse_args(["--config_file", str(path)])
+
+
+def test_a_directory_or_fifo_as_data_path_is_named_as_such(tmp_path):
+    from errors import ConfigError
+    from train.config import parse_args
+    fifo = tmp_path / "prefs.fifo"
+    os.mkfifo(fifo)
+    for path in (tmp_path, fifo):
+        with pytest.raises(ConfigError, match="not a regular file"):
+            parse_args(["--dataset=jsonl", f"--data_path={path}"])
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--temperature=-1", "--temperature must be a finite number >= 0"),
+    ("--temperature=nan", "--temperature must be a finite number >= 0"),
+    ("--top_p=2", "--top_p must be in (0, 1]"),
+    ("--top_k=0", "--top_k must be >= 1"),
+    ("--num_samples=0", "--num_samples must be >= 1"),
+    ("--prompt=", "--prompt is empty"),
+])
+def test_sample_refuses_values_it_cannot_use_in_one_line(tmp_path, capsys, option, message):
+    import sample
+    from errors import exit_code_of
+    assert exit_code_of(sample.main, ["--model", str(tmp_path / "not_loaded"), option]) == 2
+    err = capsys.readouterr().err  # refused before the model (which does not exist) is looked for
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err

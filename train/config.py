@@ -176,7 +176,48 @@ def coerce(key, value, source):
         return str(value)
     elif isinstance(value, bool) and "true" in CHOICES.get(key, ()):  # YAML's `append_eos: true`
         return str(value).lower()
-    raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
+    raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {shortened(value)}")
+
+
+def shortened(value, limit=80) -> str:
+    """A value's repr for a message, cut to `limit` characters: a message never prints a value whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+MAX_YAML_BYTES = 1 << 20
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without aliases: a config has no use for them, and nested aliases expand a
+    few hundred bytes into gigabytes (the 'billion laughs')."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a config file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path, what="config file"):
+    """A config file's YAML (the trainer's, the frontier's), refused cheaply and in one line when it is
+    missing, not a regular file, larger than 1 MiB, uses aliases, nests too deeply or is not YAML."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{what} {path!r}: no such file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r}: not a regular file")
+    if os.path.getsize(path) > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {os.path.getsize(path):,} bytes; a config file is at most {MAX_YAML_BYTES:,}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.load(f, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({shortened(str(err), 300)})") from err
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def unknown_key_message(key, source):
@@ -219,8 +260,10 @@ def validate(cfg: TrainConfig):
         raise ConfigError(f"dataset={cfg.dataset} needs data_path (the file to read)")
     if cfg.dataset == "jsonl" or cfg.dataset == "hh" or (cfg.dataset == "lm_human_preferences" and
                                                           cfg.data_path not in ("sentiment", "descriptiveness")):
-        if not os.path.isfile(cfg.data_path):
+        if not os.path.exists(cfg.data_path):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")
+        if not os.path.isfile(cfg.data_path):
+            raise ConfigError(f"data_path {cfg.data_path!r}: not a regular file (a directory, a FIFO, a device)")
     if cfg.reward:
         check_reward_spec(cfg.reward)
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:  # before any data is read or file written
@@ -251,13 +294,7 @@ def parse_args(argv=None) -> TrainConfig:
     values = {}
     config_file = vars(args).pop("config_file", None)
     if config_file is not None:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"--config_file {config_file!r}: no such file")
-        with open(config_file) as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{config_file}: not valid YAML ({err})") from err
+        loaded = read_yaml(config_file, "--config_file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{config_file}: expected a mapping of key: value, got {type(loaded).__name__}")
         for key, value in loaded.items():

@@ -15,6 +15,7 @@ from data.tokenizer import EOT_ID, decode
 from dpo import PairLogps, concatenated_logps, dpo_loss, span_logps
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
+from train.checkpoint import file_fingerprint
 from train.run_dir import reference_cache_file, write_atomic
 
 
@@ -167,10 +168,12 @@ def sample_texts(model, prompts, cfg, device):
 def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, world, device, identity):
     """Reference log-probs of every pair ((N, 2) chosen, rejected, summed over tokens), cached in
     out_dir/reference_logps.safetensors. The cache is reused only when its key, the run identity
-    (which holds the fingerprints of the data and of the starting weights), matches."""
+    (which holds the fingerprints of the data and of the starting weights), matches, and its bytes
+    still have the sha256 recorded with the key: a damaged or edited cache is recomputed."""
     path = reference_cache_file(cfg.out_dir)
     fingerprint = json.dumps(identity, sort_keys=True)
-    if on_rank0(cache_matches, device, f"read {path}.json", path, fingerprint):  # rank 0 decides for all
+    log = print if rank == 0 else (lambda *a: None)
+    if on_rank0(cache_matches, device, f"read {path}.json", path, fingerprint, log):  # rank 0 decides for all
         cached = load_file(path, device=str(device))
         return cached["train"], cached["eval"]
     train = map_pairs(train_pairs, pair_logps(reference), cfg, rank, world, device)[:, :2].contiguous()  # (N, 2) summed
@@ -180,13 +183,22 @@ def precompute_reference_logps(reference, train_pairs, eval_pairs, cfg, rank, wo
     return train, evals
 
 
-def cache_matches(path, fingerprint) -> bool:
+def cache_matches(path, fingerprint, log=print) -> bool:
     if not (os.path.isfile(path) and os.path.isfile(path + ".json")):
         return False
     with open(path + ".json") as f:
-        return f.read() == fingerprint
+        try:
+            key = json.load(f)
+        except ValueError:
+            key = None
+    if not isinstance(key, dict) or key.get("identity") != fingerprint:
+        return False
+    if key.get("size_and_sha256") != file_fingerprint(path):
+        log(f"{path}: its bytes do not have the sha256 recorded in {path}.json (damaged or edited); recomputing")
+        return False
+    return True
 
 
 def write_reference_cache(path, train, evals, fingerprint):
     write_atomic(path, lambda tmp: save_file({"train": train.cpu(), "eval": evals.cpu()}, tmp))
-    write_atomic(path + ".json", fingerprint)
+    write_atomic(path + ".json", json.dumps({"identity": fingerprint, "size_and_sha256": file_fingerprint(path)}))

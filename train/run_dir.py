@@ -244,6 +244,8 @@ def keep_metrics_until(out_dir, step: int, log=print):
     if os.path.exists(metrics_file(out_dir)):
         kept = [record for record in read_metrics(out_dir, log) if step > 0 and record["step"] <= step]
         write_atomic(metrics_file(out_dir), "".join(json.dumps(r) + "\n" for r in kept))
+    elif step > 0:
+        log(f"{metrics_file(out_dir)} is missing: the records of steps 0-{step} are gone; it goes on from step {step}")
 
 
 def write_config(cfg: TrainConfig):
