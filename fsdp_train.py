@@ -13,6 +13,7 @@ Launching the same command again on an out_dir with a complete checkpoint resume
 """
 import json
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -23,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from data.batches import check_batch_sizes, data_fingerprint, pairs_of, split_groups, truncate_groups
 from data.formats import load_preferences
-from errors import ConfigError, exit_code_of
+from errors import ConfigError, Preempted, exit_code_of
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
 from train.distributed import build_training_state, check_model_fits, setup_distributed
 from train.evaluation import evaluate, precompute_reference_logps, sample_texts
@@ -114,7 +115,7 @@ def main(argv=None, stop_requests=None):
     log(f"data: {json.dumps(counts)}")
 
     if cfg.sft_steps and cfg.objective == "dpo":
-        state = warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log)
+        state = warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log, stop_requests)
     else:
         state = build_training_state(cfg, rank, device, mesh)
     log(f"model: {state.policy.num_params() / 1e6:.1f}M parameters, {world} rank(s), sharding={cfg.sharding}, "
@@ -129,6 +130,7 @@ def main(argv=None, stop_requests=None):
     if step is None:
         return
     metrics_log = MetricsLog(cfg, device)  # W&B starts once the run directory is this run's
+    stop_if_asked(stop_requests, device, "building the models")
 
     reference_logps = reference_eval_logps = None
     if cfg.precompute_reference and cfg.objective == "dpo" and not cfg.reference_free:
@@ -136,6 +138,7 @@ def main(argv=None, stop_requests=None):
         reference_logps, reference_eval_logps = precompute_reference_logps(
             state.reference, train_pairs, eval_pairs, cfg, rank, world, device, identity)
         state.reference = None  # freed: the reference model is not held during training
+        stop_if_asked(stop_requests, device, "the reference's log-probs (cached in out_dir)")
     sample_prompts = sample_prompts_of(eval_pairs, cfg)
     if sample_prompts and step == 0:  # the policy still equals the reference here
         before, before_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
@@ -144,6 +147,7 @@ def main(argv=None, stop_requests=None):
         line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
                                                  cfg, rank, world, device))
         log(format_log_line("eval", line))
+    stop_if_asked(stop_requests, device, "the first samples and eval")
 
     log(f"training: {last_step - step} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
     t_start, step_start, window_tokens, t_window, bad_steps = time.time(), step, 0, time.time(), 0
@@ -184,6 +188,14 @@ def main(argv=None, stop_requests=None):
     export(cfg, state, device, log, line, counts, sys.argv[1:] if argv is None else argv)
     metrics_log.close()
     dist.barrier()
+
+
+def stop_if_asked(stop_requests, device, after):
+    """Collective, between the stages before the first step: stop now if any rank received
+    SIGTERM/SIGINT (each stage keeps what it made: out_dir/sft/, the reference cache)."""
+    if signum := stop_requests.agreed(device):
+        raise Preempted(signum, f"stopped by {signal.Signals(signum).name} after {after}, before training; "
+                                "run the same command to go on")
 
 
 def export(cfg, state, device, log, final_metrics, counts, argv):

@@ -582,3 +582,73 @@ def test_a_missing_metrics_file_is_said_on_resume(tmp_path):
     (tmp_path / "metrics.jsonl").unlink()
     resumed = run_here(tmp_path, "--sharding=none", "--ckpt_every=2")
     assert resumed.returncode == 0 and "metrics.jsonl is missing: the records of steps 0-2 are gone" in resumed.stdout
+
+
+def test_a_change_to_any_option_the_sft_stage_reads_redoes_it(tmp_path):
+    """Warmup, clipping and the rest shape the SFT model too: with --warmup_steps and --grad_clip
+    changed, out_dir/sft/ is not reused (it was, silently), and with DPO checkpoints on it the
+    relaunch is refused naming out_dir."""
+    assert run_here(tmp_path, "--sft_steps=3", "--ckpt_every=2", "--max_steps=2").returncode == 0
+    refused = run_here(tmp_path, "--sft_steps=3", "--max_steps=4", "--warmup_steps=1", "--grad_clip=0.1")
+    assert refused.returncode == 2 and "holds DPO checkpoints" in refused.stderr, refused.stderr[-2000:]
+    for derived in ("checkpoints", "final", "metrics.jsonl"):  # a new DPO stage on the same out_dir
+        shutil.rmtree(tmp_path / derived) if (tmp_path / derived).is_dir() else (tmp_path / derived).unlink()
+    redone = run_here(tmp_path, "--sft_steps=3", "--max_steps=2", "--warmup_steps=1", "--grad_clip=0.1")
+    assert redone.returncode == 0 and "sft step 3/3" in redone.stdout, redone.stderr[-2000:]
+
+
+def test_sigterm_during_the_sft_warm_start_saves_it_and_the_relaunch_resumes_it(tmp_path):
+    """Stopped within one SFT step (it was 178 s later, after the whole stage and the DPO set-up):
+    a checkpoint of the stage, exit 143; the relaunch resumes the stage there and ends with the SFT
+    model of a run that was never stopped, bit for bit."""
+    sft = ["--sft_steps=60", "--max_steps=1", "--sharding=none"]
+    process = subprocess.Popen(command(tmp_path / "stopped", *sft), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = signal_when_logged(process, r"^sft step 5/60", signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped_at = int(re.search(r"during the SFT warm start after step (\d+)/60", output).group(1))
+    assert 5 <= stopped_at < 60 and "training:" not in output  # before DPO was set up
+    assert (tmp_path / "stopped" / "sft" / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
+    resumed = run(tmp_path / "stopped", *sft)  # processes, as the stopped one: the same threads, the same sums
+    assert resumed.returncode == 0 and "SFT warm start resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    assert not (tmp_path / "stopped" / "sft" / "checkpoints").exists()
+    assert run(tmp_path / "whole", *sft).returncode == 0
+    stopped, whole = (load_file(tmp_path / run / "sft" / "model.safetensors") for run in ("stopped", "whole"))
+    assert stopped.keys() == whole.keys() and all(torch.equal(stopped[k], whole[k]) for k in whole)
+
+
+def test_sigterm_during_the_stages_before_training_stops_there(tmp_path):
+    """A signal that arrives during the first samples and eval is acted on when they end, before the
+    first step (it was acted on after the first step)."""
+    process = subprocess.Popen(command(tmp_path, "--sharding=none", "--n_samples=2", "--eval_every=0"), cwd=ROOT,
+                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = signal_when_logged(process, r"^model: ", signal.SIGTERM)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert re.search(r"stopped by SIGTERM after (building the models|the first samples and eval), before training",
+                     output) and not re.search(r"^step \d", output, re.M)
+
+
+def test_a_damaged_train_state_falls_back_to_the_older_checkpoint(tmp_path):
+    """train_state.json truncated, or without its identity: passed over, said, and the run resumes
+    from the intact checkpoint before it (it was a raw traceback)."""
+    run_dir = tmp_path / "run"
+    assert run_here(run_dir, "--sharding=none", "--ckpt_every=2", "--max_steps=4").returncode == 0
+    shutil.copytree(run_dir, tmp_path / "as_saved")
+    for damage in (lambda text: text[:len(text) // 2], lambda text: json.dumps(
+            {k: v for k, v in json.loads(text).items() if k != "identity"})):
+        state = run_dir / "checkpoints" / "step_000004" / "train_state.json"
+        state.write_text(damage(state.read_text()))
+        resumed = run_here(run_dir, "--sharding=none", "--ckpt_every=2", "--max_steps=6")
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "passed over for an older checkpoint" in resumed.stdout, resumed.stdout[-2000:]
+        assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+        shutil.rmtree(run_dir)
+        shutil.copytree(tmp_path / "as_saved", run_dir)
+
+
+def test_a_damaged_sft_json_is_one_line_not_a_traceback(tmp_path):
+    assert run_here(tmp_path, "--sft_steps=3", "--ckpt_every=2", "--max_steps=2").returncode == 0
+    (tmp_path / "sft" / "sft.json").write_text('{"sft_steps": 3, "trunc')
+    refused = run_here(tmp_path, "--sft_steps=3", "--max_steps=4")
+    assert refused.returncode == 2 and "sft.json is missing, damaged" in refused.stderr, refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr

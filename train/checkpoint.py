@@ -61,9 +61,33 @@ def complete_checkpoints(out_dir) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def newest_checkpoint(out_dir) -> str | None:
-    checkpoints = complete_checkpoints(out_dir)
-    return checkpoints[-1][1] if checkpoints else None
+def newest_checkpoint(out_dir, log=None) -> str | None:
+    """The newest complete checkpoint whose train_state.json is readable (its step and identity); one
+    that is not (truncated, edited) is passed over, said through log, for the older one before it."""
+    for _, path in reversed(complete_checkpoints(out_dir)):
+        problem = train_state_problem(path)
+        if problem is None:
+            return path
+        if log is not None:
+            log(f"{path}/train_state.json {problem}: passed over for an older checkpoint (left in place)")
+    return None
+
+
+def train_state_problem(path) -> str | None:
+    try:
+        with open(os.path.join(path, "train_state.json"), "rb") as f:
+            state = json.loads(f.read())
+    except ValueError as err:  # also UnicodeDecodeError
+        return f"is not valid JSON ({err})"
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("identity"), dict)
+            and isinstance(state.get("files"), dict)):
+        return "lacks its step, identity or file list"
+    return None
+
+
+def saved_identity(path) -> dict:
+    with open(os.path.join(path, "train_state.json")) as f:
+        return json.load(f)["identity"]
 
 
 def recover_replaced_checkpoints(out_dir, log=print):

@@ -5,11 +5,15 @@ second signal exits at once.
 A signal may reach some ranks and not others, or reach them during different steps, so the ranks
 agree on it once per step before anyone stops: all stop after the same step, and all take part in
 the save. The training step carries the agreement in the all-reduce it does anyway (whether the
-step's loss and gradient are finite: fsdp_train.train_step), so a step has one collective that
-waits for the host, not two.
+step's loss and gradient are finite: train/step.py), so a step has one collective that waits for
+the host, not two; the SFT warm start's steps too. Between the stages before training (the
+reference's log-probs, the first samples and eval) the ranks agree once per stage (agreed).
 """
 import signal
 import sys
+
+import torch
+import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -44,3 +48,9 @@ class StopRequests:
     def local_signal(self) -> float:
         """This rank's part of the agreement: the signal number it received, or 0."""
         return float(self.received or 0)
+
+    def agreed(self, device) -> int:
+        """Collective: the signal number if any rank received one, else 0."""
+        received = torch.tensor([self.local_signal()], device=device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received.item())

@@ -37,7 +37,7 @@ def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
     on_rank0(checkpoint.recover_replaced_checkpoints, device, "recover checkpoints", cfg.out_dir, log)
     # rank 0 decides, every rank follows: on per-node disks, nodes that saw no checkpoint would skip
     # the load collective and hang (check_shared_out_dir refuses such disks first)
-    path = on_rank0(checkpoint.newest_checkpoint, device, "list checkpoints", cfg.out_dir)
+    path = on_rank0(checkpoint.newest_checkpoint, device, "list checkpoints", cfg.out_dir, log)
     step = 0
     if path:
         on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity, identity_hints(cfg))
