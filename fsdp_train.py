@@ -35,7 +35,7 @@ from train.rank0 import on_rank0
 from train.resume import run_identity, save, start_or_resume, stop_after_signal
 from train.reward import fetch_reward
 from train.run_dir import (MetricsLog, check_shared_out_dir, check_writable, final_dir, lock_run_dir, metrics_file,
-                           unlock_run_dirs, write_samples_before, write_samples_table)
+                           read_metrics, unlock_run_dirs, write_samples_before, write_samples_table)
 from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
 from train.warm_start import sft_pairs, warm_start
 
@@ -178,16 +178,27 @@ def main(argv=None, stop_requests=None):
         if step != last_step and stop_signal:  # received before this step's check, on any rank
             stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, stop_signal)
 
-    line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                             cfg, rank, world, device))
+    # The end: the final eval and the last checkpoint, then what is made from them (samples.md, final/),
+    # which a relaunch after a crash here makes again from that checkpoint (start_or_resume).
+    line = on_rank0(recorded_final_eval, device, "read metrics.jsonl", cfg.out_dir, step) if step == step_start else None
+    if line is None:
+        line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
+                                                 cfg, rank, world, device))
     log(format_log_line("final eval", line))
-    save(cfg, state, step, steps_per_epoch, identity, device)
+    if step > step_start:
+        save(cfg, state, step, steps_per_epoch, identity, device)
     if sample_prompts:
         after, after_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
         on_rank0(write_samples_table, device, "write samples.md", cfg, sample_prompts, after, log, after_rewards)
-    export(cfg, state, device, log, line, counts, sys.argv[1:] if argv is None else argv)
+    export(cfg, state, step, device, log, line, counts, sys.argv[1:] if argv is None else argv)
     metrics_log.close()
     dist.barrier()
+
+
+def recorded_final_eval(out_dir, step):
+    """The eval line metrics.jsonl holds for `step` (the run ended there and is being finished), or None."""
+    lines = [r for r in read_metrics(out_dir) if r["step"] == step and any(k.startswith("eval/") for k in r)]
+    return lines[-1] if lines else None
 
 
 def stop_if_asked(stop_requests, device, after):
@@ -198,12 +209,13 @@ def stop_if_asked(stop_requests, device, after):
                                 "run the same command to go on")
 
 
-def export(cfg, state, device, log, final_metrics, counts, argv):
+def export(cfg, state, step, device, log, final_metrics, counts, argv):
     """Collective: the trained policy as out_dir/final/, a Hugging Face model folder (weights, config,
-    GPT-2's tokenizer, generation config, model card; export.py), rank 0 writing."""
+    GPT-2's tokenizer, generation config, model card; export.py), rank 0 writing, whole or not at all."""
     final = final_dir(cfg.out_dir)
+    log(f"exporting {final} (step {step})")
     full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    on_rank0(write_export, device, f"export {final}", final, state.config, full, cfg, final_metrics, counts,
+    on_rank0(write_export, device, f"export {final}", final, step, state.config, full, cfg, final_metrics, counts,
              training_command(argv))
     log(f"exported {final} (a transformers model folder with its tokenizer and model card); metrics in "
         f"{metrics_file(cfg.out_dir)}")

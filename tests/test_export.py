@@ -42,8 +42,9 @@ def run(tmp_path_factory):
 
 def test_final_holds_a_complete_model_folder_readable_by_everyone(run):
     final = run / "final"
-    assert sorted(os.listdir(final)) == ["README.md", "config.json", "generation_config.json", "merges.txt",
-                                         "model.safetensors", "special_tokens_map.json", "tokenizer_config.json",
+    assert sorted(os.listdir(final)) == ["README.md", "config.json", "export.json", "generation_config.json",
+                                         "merges.txt", "model.safetensors", "special_tokens_map.json",
+                                         "tokenizer_config.json",
                                          "vocab.json"]
     # the hub's openai-community/gpt2 files, byte for byte
     assert (final / "vocab.json").read_bytes() == (ROOT / "data" / "gpt2_bpe" / "encoder.json").read_bytes()

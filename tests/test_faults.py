@@ -652,3 +652,38 @@ def test_a_damaged_sft_json_is_one_line_not_a_traceback(tmp_path):
     refused = run_here(tmp_path, "--sft_steps=3", "--max_steps=4")
     assert refused.returncode == 2 and "sft.json is missing, damaged" in refused.stderr, refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr
+
+
+def test_a_kill_after_the_last_checkpoint_never_leaves_a_partial_export(tmp_path):
+    """"Complete" means the export matches the last step. Killed as the export starts (for real), or
+    with final/ left as a crash leaves it: never a final/ of some files only (it once held only the
+    weights, and AutoTokenizer then encoded text to []), and the relaunch makes it again from the last
+    checkpoint without training, once, then calls the run complete."""
+    from transformers import AutoTokenizer
+    process = subprocess.Popen(command(tmp_path, "--sharding=none", "--ckpt_every=2"), cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_when_logged(process, r"^exporting ")
+    final = tmp_path / "final"
+    assert not final.exists() or json.loads((final / "export.json").read_text())["step"] == 4
+    export_won_the_race = final.exists()  # the kill landed after the export's last rename: it is complete
+    metrics_before = (tmp_path / "metrics.jsonl").read_text()
+
+    def finished(already_complete=False):
+        result = run(tmp_path, "--sharding=none", "--ckpt_every=2")
+        assert result.returncode == 0, result.stderr[-2000:]
+        said = "run complete" if already_complete else "finishing from it, without training"
+        assert said in result.stdout and not re.search(r"^step \d", result.stdout, re.M), result.stdout[-2000:]
+        assert json.loads((final / "export.json").read_text()) == {"step": 4}
+        assert AutoTokenizer.from_pretrained(final)("The movie was").input_ids == [464, 3807, 373]
+        assert (tmp_path / "metrics.jsonl").read_text() == metrics_before  # no second final eval line
+        assert not (tmp_path / "final.tmp").exists() and not (tmp_path / "final.old").exists()
+
+    finished(already_complete=export_won_the_race)  # after the real kill
+    shutil.move(final, tmp_path / "final.tmp")  # killed mid-export: a partial folder beside no final/
+    (tmp_path / "final.tmp" / "README.md").unlink()
+    (tmp_path / "final.tmp" / "vocab.json").unlink()
+    finished()
+    (final / "export.json").write_text(json.dumps({"step": 2}))  # an export of an earlier step
+    finished()
+    complete = run(tmp_path, "--sharding=none", "--ckpt_every=2")
+    assert complete.returncode == 0 and "run complete" in complete.stdout

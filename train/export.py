@@ -12,6 +12,7 @@ Publishing is the hub's CLI: `hf upload <user>/<repo> out_dir/final` (README, "T
 import json
 import os
 import shlex
+import shutil
 
 from data.tokenizer import EOT_ID, read_bpe_file
 from gpt2 import PRESETS, write_hf_checkpoint
@@ -21,12 +22,38 @@ from train.run_dir import write_atomic
 EOT = "<|endoftext|>"
 
 
-def write_export(final, config, state_dict, cfg: TrainConfig, final_metrics: dict, counts: dict, command: str):
-    """Rank 0: the whole folder. The model card is written last, so a folder with README.md is complete."""
-    write_hf_checkpoint(config, state_dict, final)
-    write_tokenizer_files(final, model_max_length=config.n_positions)
-    write_json(os.path.join(final, "generation_config.json"), generation_config(cfg))
-    write_atomic(os.path.join(final, "README.md"), model_card(cfg, final_metrics, counts, command))
+def write_export(final, step, config, state_dict, cfg: TrainConfig, final_metrics: dict, counts: dict,
+                 command: str):
+    """Rank 0: the whole folder, complete or not at all. It is written as final.tmp/ and renamed into
+    place (the previous final/ moved aside first, then removed), with export.json recording the step
+    of its weights: a relaunch finds either a complete export of a known step or none."""
+    tmp, old = final + ".tmp", final + ".old"
+    for leftover in (tmp, old):  # from a crash during an earlier export
+        if os.path.isdir(leftover):
+            shutil.rmtree(leftover)
+    write_hf_checkpoint(config, state_dict, tmp)
+    write_tokenizer_files(tmp, model_max_length=config.n_positions)
+    write_json(os.path.join(tmp, "generation_config.json"), generation_config(cfg))
+    write_atomic(os.path.join(tmp, "README.md"), model_card(cfg, final_metrics, counts, command))
+    write_json(os.path.join(tmp, EXPORT_RECORD), {"step": step})
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+EXPORT_RECORD = "export.json"  # {"step": N}: the optimizer step whose weights final/ holds
+
+
+def exported_step(final) -> int | None:
+    """The step of the complete export in `final`, or None (no export, or one a crash cut short)."""
+    try:
+        with open(os.path.join(final, EXPORT_RECORD)) as f:
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):  # missing, damaged: there is no complete export
+        return None
+    return step if isinstance(step, int) else None
 
 
 def write_json(path, value):

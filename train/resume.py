@@ -6,8 +6,9 @@ import signal
 from errors import Preempted
 from train import checkpoint
 from train.config import TrainConfig, reference_precision_name, run_identity_keys
+from train.export import exported_step
 from train.rank0 import on_rank0
-from train.run_dir import keep_metrics_until, write_config
+from train.run_dir import final_dir, keep_metrics_until, write_config
 
 
 # ----------------------------------------------------------------------------- start or resume
@@ -32,8 +33,10 @@ def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
     """Collective. The step to start from: that of the newest complete checkpoint, once it is found
     to be this run's (identity), intact (checksums) and loaded; else 0. Then the run directory is
     made to agree with it: partial checkpoints removed, config.yaml written, metrics.jsonl cut to
-    the steps before it. None when that checkpoint is at or past last_step: the run is complete,
-    and nothing in out_dir is touched."""
+    the steps before it. None when that checkpoint is at or past last_step and final/ is its
+    complete export: the run is complete, and nothing in out_dir is touched. At or past last_step
+    without that export (a crash after the last save), its step: the run finishes from it without
+    training (fsdp_train.main's tail: samples, final/)."""
     on_rank0(checkpoint.recover_replaced_checkpoints, device, "recover checkpoints", cfg.out_dir, log)
     # rank 0 decides, every rank follows: on per-node disks, nodes that saw no checkpoint would skip
     # the load collective and hang (check_shared_out_dir refuses such disks first)
@@ -43,8 +46,11 @@ def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
         on_rank0(checkpoint.check_compatible, device, f"read {path}", path, identity, identity_hints(cfg))
         saved_step = on_rank0(checkpoint.saved_step, device, f"read {path}", path)
         if saved_step >= last_step:
-            log(complete_message(cfg, path, saved_step, last_step))
-            return None
+            if on_rank0(exported_step, device, f"read {final_dir(cfg.out_dir)}", final_dir(cfg.out_dir)) == saved_step:
+                log(complete_message(cfg, path, saved_step, last_step))
+                return None
+            log(f"{path} is the run's last step, but {final_dir(cfg.out_dir)} is not its complete export (the run "
+                "was stopped after its last save): finishing from it, without training")
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
     if path:
         on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)

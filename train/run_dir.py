@@ -296,9 +296,12 @@ def write_samples_table(cfg, prompts, after, log, after_rewards=None):
     path = samples_before_file(cfg.out_dir)
     before_by_prompt = {}
     if os.path.exists(path):
-        with open(path) as f:
-            before_by_prompt = json.load(f)
-    if not isinstance(before_by_prompt, dict):  # written by an older version: a list, prompts unknown
+        try:
+            with open(path, "rb") as f:
+                before_by_prompt = json.loads(f.read())
+        except ValueError as err:  # damaged: the table is still written, its "before" column says so
+            log(f"{path}: damaged ({err}); the table's before column is left empty")
+    if not isinstance(before_by_prompt, dict):
         before_by_prompt = {}
     texts = [decode(p) for p in prompts]
     before = [before_by_prompt.get(text, [NOT_SAMPLED, None]) for text in texts]
