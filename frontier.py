@@ -18,18 +18,20 @@ its own out_dir holds its metrics.jsonl, samples.md and final/ as usual.
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import signal
 import sys
 
 from data.demo import demo_texts
-from errors import ConfigError, exit_code_of
+from errors import ConfigError, InputError, Preempted, exit_code_of
 import fsdp_train
-from generate_pairs import generate_pairs, read_prompts, write_jsonl
+from generate_pairs import check_generation_options, generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
-from train.config import read_yaml
+from train.config import parse_args, read_yaml, shortened
 from train.distributed import resolve_device
-from train.reward import check_reward_spec, load_reward
+from train.reward import fetch_reward, load_reward
 from train.run_dir import final_dir, read_metrics, write_atomic
 
 
@@ -52,14 +54,49 @@ def read_config(path) -> FrontierConfig:
     if not isinstance(raw, dict) or set(raw) - fields or fields - set(raw) - set(defaults):
         raise ConfigError(f"{path}: expected the keys {sorted(fields)} ({sorted(defaults)} optional)")
     cfg = FrontierConfig(**(defaults | raw))
-    if not cfg.trainer.get("reward"):
-        raise ConfigError(f"{path}: trainer.reward must name the ground-truth reward (reward.py)")
-    check_reward_spec(cfg.trainer["reward"])
+    check_frontier_config(cfg, path)
     return cfg
+
+
+def check_frontier_config(cfg: FrontierConfig, path):
+    """Everything a stage would refuse later, refused now in one line naming the file: the sections'
+    types, the generation options, the β list, every run's trainer options, the prompts, the reward."""
+    for name in ("trainer", "generation", "dpo", "sft", "preferred_ft"):
+        value = getattr(cfg, name)
+        if not isinstance(value, dict) and not (value is None and name in ("sft", "preferred_ft")):
+            raise ConfigError(f"{path}: {name} must be a mapping of options, got {type(value).__name__}")
+    if not isinstance(cfg.out_dir, str) or not cfg.out_dir:
+        raise ConfigError(f"{path}: out_dir must name a directory")
+    if not cfg.trainer.get("reward"):
+        raise ConfigError(f"{path}: trainer.reward must name the ground-truth reward (train/reward.py)")
+    if not cfg.trainer.get("init_from"):
+        raise ConfigError(f"{path}: trainer.init_from must name the starting model (a hub id or a directory)")
+    if unknown := set(cfg.generation) - set(inspect.signature(check_generation_options).parameters):
+        raise ConfigError(f"{path}: generation: unknown keys {sorted(unknown)}; known: "
+                          f"{sorted(inspect.signature(check_generation_options).parameters)}")
+    try:
+        check_generation_options(**cfg.generation)
+    except InputError as err:
+        raise ConfigError(f"{path}: generation: {err}") from None
+    if not (isinstance(cfg.betas, list) and cfg.betas and all(
+            type(b) in (int, float) and 0 < b < float("inf") for b in cfg.betas)):
+        raise ConfigError(f"{path}: betas must be a list of numbers > 0, got {shortened(cfg.betas)}")
+    stages = [{"objective": "sft", "sft_on": "all"} | (cfg.sft or {})]
+    stages += [{"objective": "dpo", "beta": beta} | cfg.dpo for beta in cfg.betas]
+    stages += [{"objective": "sft"} | cfg.preferred_ft] if cfg.preferred_ft is not None else []
+    for options in stages:  # the trainer's own checks, with the demo set standing in for pairs not made yet
+        parse_args(as_argv(cfg.trainer | options | {"dataset": "demo", "out_dir": cfg.out_dir}))
+    prompt_texts(cfg)
+    fetch_reward(cfg.trainer["reward"])  # its form, its package, and a classifier's files, before any stage
 
 
 def as_argv(options: dict) -> list[str]:
     return [f"--{key}={value}" for key, value in options.items()]
+
+
+def stop_between_stages(signum, frame):
+    raise Preempted(signum, f"stopped by {signal.Signals(signum).name}; every finished stage is kept: run the same "
+                            "command to go on")
 
 
 def train(cfg: FrontierConfig, name, options, log):
@@ -69,6 +106,9 @@ def train(cfg: FrontierConfig, name, options, log):
     exit_code = fsdp_train.run(argv)
     if exit_code == 2:
         raise ConfigError(f"the {name} run stopped on bad input (the error above)")
+    if exit_code > 128:  # SIGTERM/SIGINT: the run saved a checkpoint
+        raise Preempted(exit_code - 128, f"the {name} run was stopped by {signal.Signals(exit_code - 128).name} "
+                                         "after a checkpoint: run the same command to go on")
     if exit_code != 0:
         raise RuntimeError(f"the {name} run failed with exit code {exit_code} (its messages are above)")
     return final_dir(os.path.join(cfg.out_dir, name))
@@ -173,6 +213,19 @@ def main(argv=None):
     p.add_argument("--config_file", required=True, help="the frontier's YAML (config/frontier_demo.yaml)")
     p.add_argument("--out_dir", default="", help="override the config's out_dir")
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("frontier.py runs its stages one after another in one process, each training run an FSDP "
+                          "job of its own: launch it with python, not torchrun --nproc_per_node N")
+    previous = {signum: signal.signal(signum, stop_between_stages)  # between runs; each run handles its own
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_stages(args)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_stages(args):
     cfg = read_config(args.config_file)
     if args.out_dir:
         cfg.out_dir = args.out_dir

@@ -19,11 +19,12 @@ carries the two scores (chosen_reward, rejected_reward), which the trainer ignor
 import argparse
 import itertools
 import json
+import os
 import sys
 
 import torch
 
-from data.tokenizer import decode
+from data.tokenizer import decode, encode
 from errors import DataError, InputError, exit_code_of
 from gpt2 import GPT
 from sample import continuations
@@ -90,6 +91,7 @@ def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1
     """(pair records, counts, best records): the paper's pipeline on a loaded model and reward. The
     best records hold each prompt's highest-scored completion as "chosen" (the preferred-FT
     baseline's data) and its lowest as "rejected"."""
+    check_generation(model, prompts, k, max_new_tokens, temperature, batch_size)
     completions = sample_completions(model, prompts, k, max_new_tokens, temperature, seed, batch_size, device)
     records, ties, best, without_pairs, empty, repeated = [], 0, [], 0, 0, 0
     for prompt, texts in zip(prompts, completions):
@@ -108,7 +110,41 @@ def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1
     counts = {"prompts": len(prompts), "samples": len(prompts) * k, "empty_samples_dropped": empty,
               "repeated_samples_dropped": repeated,
               "pairs": len(records), "ties_dropped": ties, "prompts_without_pairs": without_pairs}
+    if not records:
+        raise DataError(f"no pairs: every prompt's samples were empty, repeated or tied ({json.dumps(counts)}); "
+                        "sample more per prompt (k), longer (max_new_tokens) or at a higher temperature")
     return records, counts, best
+
+
+def check_generation(model, prompts, k, max_new_tokens, temperature, batch_size):
+    """Options that cannot work, refused before any sampling."""
+    check_generation_options(k, max_new_tokens, temperature, batch_size)
+    longest = max(range(len(prompts)), key=lambda i: len(encode(prompts[i])))
+    length = len(encode(prompts[longest]))
+    if length + max_new_tokens > model.config.n_positions:
+        raise InputError(f"prompt {longest + 1} ({length} tokens) + max_new_tokens {max_new_tokens} is longer than "
+                         f"the model's {model.config.n_positions} positions")
+
+
+def check_generation_options(k=4, max_new_tokens=24, temperature=1.0, batch_size=64, seed=0):
+    if not (type(k) is int and k >= 2):
+        raise InputError(f"k must be an integer >= 2 (pairs need two samples of a prompt), got {k!r}")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if not (type(value) is int and value >= 1):
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+    if not (type(temperature) in (int, float) and 0 < temperature < float("inf")):
+        raise InputError(f"temperature must be a number > 0, got {temperature!r}")
+    if type(seed) is not int:
+        raise InputError(f"seed must be an integer, got {seed!r}")
+
+
+def check_output_path(path, flag):
+    """A file that can be written: its folder exists, and it is not a folder itself."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path!r} is a directory; name a file")
+    if not os.path.isdir(folder):
+        raise InputError(f"{flag} {path!r}: its folder {folder} does not exist")
 
 
 def write_jsonl(path, records):
@@ -131,8 +167,9 @@ def parse_args(argv=None):
                    "(the preferred-FT baseline's data), if given")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     args = p.parse_args(argv)
-    if args.k < 2 or args.max_new_tokens < 1 or args.batch_size < 1 or not args.temperature > 0:
-        raise InputError("need --k >= 2, --max_new_tokens >= 1, --batch_size >= 1 and --temperature > 0")
+    check_output_path(args.out, "--out")
+    if args.best_out:
+        check_output_path(args.best_out, "--best_out")
     return args
 
 
@@ -140,8 +177,9 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     prompts = read_prompts(args.prompts)
-    reward = load_reward(args.reward, device=str(device))
     model = GPT.from_pretrained(args.model, device=device).eval()
+    check_generation(model, prompts, args.k, args.max_new_tokens, args.temperature, args.batch_size)
+    reward = load_reward(args.reward, device=str(device))
     print(f"sampling {args.k} completions for each of {len(prompts)} prompts from {args.model}", flush=True)
     records, counts, best = generate_pairs(model, prompts, reward, args.k, args.max_new_tokens, args.temperature,
                                            args.seed, args.batch_size, device)

@@ -155,3 +155,27 @@ def test_prompt_files_name_the_bad_line(tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("first prompt\n\nsecond\n")
     assert read_prompts(str(text)) == ["first prompt", "second"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("custom_code", "names custom code (auto_map)"),
+    ("pickle_only", "holds no .safetensors weights"),
+])
+def test_a_classifier_that_cannot_be_loaded_safely_is_refused_before_the_sft_stage(tmp_path, damage, message):
+    """Custom code, or weights only as a pickle: one line, exit 2, before the SFT warm start (it was
+    found after the whole stage, the custom code as a raw transformers ValueError). Nothing of it is
+    run or unpickled either way."""
+    from test_fsdp_train import TINY, run_in_process
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    config = {"model_type": "gpt2", "architectures": ["GPT2ForSequenceClassification"],
+              "id2label": {"0": "NEGATIVE", "1": "POSITIVE"}}
+    if damage == "custom_code":
+        config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.Evil"}
+        (classifier / "model.safetensors").write_bytes(b"")
+    else:
+        (classifier / "pytorch_model.bin").write_bytes(b"not read")
+    (classifier / "config.json").write_text(json.dumps(config))
+    result = run_in_process([*TINY, f"--out_dir={tmp_path / 'run'}", f"--reward=hf:{classifier}", "--sft_steps=3"])
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "sft step" not in result.stdout and not (tmp_path / "run").exists()

@@ -15,6 +15,7 @@ from safetensors only (use_safetensors=True) and never runs code from its reposi
 one unpickles and executes nothing.
 """
 import importlib.util
+import json
 import os
 
 from errors import ConfigError
@@ -47,12 +48,36 @@ def fetch_reward(spec: str) -> str:
     group exists, so a bad id fails before any work and no rank waits in a collective on a download."""
     check_reward_spec(spec)
     backend, _, model = spec.partition(":")
-    if backend == "vader" or os.path.isdir(model):
+    if backend == "vader":
         return model
+    if os.path.isdir(model):
+        return check_classifier_dir(model, spec)
     if looks_like_a_path(model):
         raise ConfigError(f"reward classifier {model!r}: no such directory (and not a hub id like 'org/name')")
-    return hub_snapshot(model, CLASSIFIER_PATTERNS, error=ConfigError, holding="the classifier's config.json, "
-                        "model.safetensors and tokenizer files")
+    return check_classifier_dir(hub_snapshot(model, CLASSIFIER_PATTERNS, error=ConfigError, holding="the "
+                                             "classifier's config.json, model.safetensors and tokenizer files"), spec)
+
+
+def check_classifier_dir(path, spec) -> str:
+    """A classifier directory that can be loaded as this project loads one, checked before any work:
+    a config.json without custom code (auto_map: code from the repository, never run here), weights
+    in safetensors (a pickle such as pytorch_model.bin is never loaded), a positive class."""
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path, "rb") as f:
+            config = json.loads(f.read())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"reward={spec}: {config_path} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"reward={spec}: {config_path} is not a JSON object")
+    if "auto_map" in config:
+        raise ConfigError(f"reward={spec}: {config_path} names custom code (auto_map), which this project never "
+                          "runs; use a classifier that transformers implements")
+    if not any(name.endswith(".safetensors") for name in os.listdir(path)):
+        raise ConfigError(f"reward={spec}: {path} holds no .safetensors weights (a pickle such as "
+                          "pytorch_model.bin is never loaded)")
+    positive_label_index(config.get("id2label") or {"0": "LABEL_0", "1": "LABEL_1"}, spec)  # transformers' default
+    return path
 
 
 def load_reward(spec: str, device="cpu"):
