@@ -687,3 +687,38 @@ def test_a_kill_after_the_last_checkpoint_never_leaves_a_partial_export(tmp_path
     finished()
     complete = run(tmp_path, "--sharding=none", "--ckpt_every=2")
     assert complete.returncode == 0 and "run complete" in complete.stdout
+
+
+def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path):
+    """rm out_dir/.lock while a run is live, then the same command again: refused (it took a new lock
+    and both wrote steps 10-40 into metrics.jsonl). The directory itself is locked too."""
+    process = subprocess.Popen(command(tmp_path, "--sharding=none", "--max_steps=2000"), cwd=ROOT, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("step 2/"):
+                break
+        (tmp_path / ".lock").unlink()
+        second = run_here(tmp_path, "--sharding=none", "--max_steps=2000")
+        assert second.returncode == 2 and "is in use by another run" in second.stderr, second.stderr[-2000:]
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_run_whose_lock_file_is_gone_stops_before_its_next_save(tmp_path, how):
+    """Where the directory cannot be locked (NFS), the lock file's identity guards the writes: checked
+    before each save, a deleted or replaced .lock stops the run instead of a second writer's."""
+    from errors import TrainingStopped
+    from train.run_dir import check_lock_held, lock_run_dir, unlock_run_dirs
+    lock_run_dir(str(tmp_path))
+    try:
+        check_lock_held(str(tmp_path))
+        (tmp_path / ".lock").unlink()
+        if how == "replaced":
+            (tmp_path / ".lock").write_text("{}")
+        with pytest.raises(TrainingStopped, match="deleted or replaced while this run held it"):
+            check_lock_held(str(tmp_path))
+    finally:
+        unlock_run_dirs()

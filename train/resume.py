@@ -8,7 +8,7 @@ from train import checkpoint
 from train.config import TrainConfig, reference_precision_name, run_identity_keys
 from train.export import exported_step
 from train.rank0 import on_rank0
-from train.run_dir import final_dir, keep_metrics_until, write_config
+from train.run_dir import check_lock_held, final_dir, keep_metrics_until, write_config
 
 
 # ----------------------------------------------------------------------------- start or resume
@@ -71,7 +71,9 @@ def complete_message(cfg, path, saved_step, last_step):
 
 
 def save(cfg, state, step, steps_per_epoch, identity, device):
-    """Collective: a sharded checkpoint of step `step`, with what resuming needs besides the tensors."""
+    """Collective: a sharded checkpoint of step `step`, with what resuming needs besides the tensors
+    (once rank 0 has checked that this run still holds out_dir's lock)."""
+    on_rank0(check_lock_held, device, f"check {cfg.out_dir}/.lock", cfg.out_dir)
     checkpoint.save_checkpoint(cfg.out_dir, step, state.policy, state.optimizer, {
         "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps,
         "epoch": step // steps_per_epoch, "pairs_seen": step * cfg.batch_size, "identity": identity},

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from data.tokenizer import decode
-from errors import ConfigError, DataError
+from errors import ConfigError, DataError, TrainingStopped
 from train.config import TrainConfig, dump_config
 from train.rank0 import on_rank0
 
@@ -76,7 +76,7 @@ def write_atomic(path, data):
 # ----------------------------------------------------------------------------- one run per directory
 
 LOCK_FILE = ".lock"
-_held_locks = []  # file descriptors of the run directories this process holds (rank 0)
+_held_locks = []  # (out_dir, lock file's fd, out_dir's fd or None) of the run directories this process holds
 
 
 def lock_run_dir(out_dir, log=print):
@@ -88,6 +88,11 @@ def lock_run_dir(out_dir, log=print):
     gets. A holder left in the file by a process that is gone (killed) is reported and replaced. On
     several nodes out_dir must be on a shared filesystem (README); a holder on another host cannot
     be checked from here, so it is refused with what to do.
+
+    Deleting .lock must not let a second launch in: the directory itself is flock()ed too, which no
+    file operation inside it undoes; where a filesystem cannot lock a directory (NFS emulates flock
+    with byte-range locks, which need a file open for writing), check_lock_held() finds a .lock that
+    is no longer the file this run locked before every save, and the run stops instead of writing.
     """
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -96,6 +101,7 @@ def lock_run_dir(out_dir, log=print):
     except OSError as err:
         raise ConfigError(f"out_dir {out_dir!r} is not writable ({err})") from err
     try:
+        dir_fd = lock_directory(out_dir)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_holder(fd)
@@ -112,16 +118,50 @@ def lock_run_dir(out_dir, log=print):
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-    _held_locks.append(fd)
+    _held_locks.append((out_dir, fd, dir_fd))
+
+
+def lock_directory(out_dir):
+    """flock() on the directory itself: its fd, or None where the filesystem cannot lock a directory.
+    BlockingIOError (another run holds it) goes to the caller."""
+    dir_fd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(dir_fd)
+        raise
+    except OSError:  # EBADF/ENOLCK (NFS): check_lock_held() guards this run's writes instead
+        os.close(dir_fd)
+        return None
+    return dir_fd
+
+
+def check_lock_held(out_dir):
+    """Rank 0, before each save: out_dir/.lock is still the file this run locked. If it was deleted or
+    replaced, another launch may be writing here: stop rather than write beside it."""
+    for held_dir, fd, _ in _held_locks:
+        if held_dir != out_dir:
+            continue
+        path = os.path.join(out_dir, LOCK_FILE)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        locked = os.fstat(fd)
+        if now is None or (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
+            raise TrainingStopped(f"{path} was deleted or replaced while this run held it: another launch may be "
+                                  "writing to this out_dir, so this run stops without writing more")
 
 
 def unlock_run_dirs():
     """Release the locks this process holds (the kernel would on exit; in-process runs need it now).
     The holder is cleared first, so the next launch finds no stale holder to report."""
     while _held_locks:
-        fd = _held_locks.pop()
+        _, fd, dir_fd = _held_locks.pop()
         os.ftruncate(fd, 0)
         os.close(fd)
+        if dir_fd is not None:
+            os.close(dir_fd)
 
 
 def _read_holder(fd):
