@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT
@@ -403,6 +404,10 @@ def test_nothing_is_unpickled_or_executed_from_files():
             assert not re.search(r"\bdcp\.load\(|FileSystemReader", text), path
         assert "yaml.load(" not in text and "yaml.unsafe_load" not in text, path
         assert "trust_remote_code" not in text, path
+        for loader in re.findall(r"class (\w+)\(yaml\.(\w+)\)", text):  # a loader of our own extends the safe one
+            assert loader[1] == "SafeLoader", (path, loader)
+    from train.config import _NoAliasLoader
+    assert issubclass(_NoAliasLoader, yaml.SafeLoader)
 
 
 # ----------------------------------------------------------------------------- one writer, nothing lost

@@ -211,7 +211,11 @@ def read_yaml(path, what="config file"):
         raise ConfigError(f"{path}: {os.path.getsize(path):,} bytes; a config file is at most {MAX_YAML_BYTES:,}")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
+            loader = _NoAliasLoader(f)  # yaml.safe_load's loader, less the aliases
+            try:
+                return loader.get_single_data()
+            finally:
+                loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({shortened(str(err), 300)})") from err
     except RecursionError:
