@@ -26,7 +26,7 @@ from data.batches import check_batch_sizes, data_fingerprint, pairs_of, split_gr
 from data.formats import load_preferences
 from errors import ConfigError, Preempted, exit_code_of
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
-from train.distributed import build_training_state, check_model_fits, setup_distributed
+from train.distributed import build_training_state, check_model_fits, end_process_group, setup_distributed
 from train.evaluation import evaluate, precompute_reference_logps, sample_texts
 from train.export import training_command, write_export
 from train.optim import lr_at
@@ -234,8 +234,7 @@ def run(argv=None) -> int:
     try:
         return exit_code_of(main, argv, stop_requests)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()  # main's FSDP modules freed first: its threads are joined here, not at exit
         unlock_run_dirs()
         stop_requests.restore()
 

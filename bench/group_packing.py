@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.batches import collate, pairs_of  # noqa: E402
 from data.formats import PreferenceGroup  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.distributed import build_training_state  # noqa: E402
+from train.distributed import build_training_state, end_process_group  # noqa: E402
 from train.step import train_step  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main():
         print(f"{name}: rows x positions {tuple(batch.input_ids.shape)}, step median "
               f"{statistics.median(step_s[1:]) * 1000:.0f} ms over 5 steps after 1 warm-up "
               f"(9 pairs = {9 * 2 * 88} tokens as if run separately)", flush=True)
-    dist.destroy_process_group()
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
@@ -357,7 +356,7 @@ def tracked_step_peak_bytes(cfg, config: GPTConfig, pairs_per_prompt: int, micro
             step()
         return tracker.peak_bytes
     finally:
-        dist.destroy_process_group()
+        distributed.end_process_group()
 
 
 # ----------------------------------------------------------------------------- the report

@@ -469,8 +469,7 @@ def run_worker(args):
         rank, _, device, mesh = distributed.setup_distributed(cfg)
     row = measure(args, size, impl, rank, 1, device, mesh)
     row["device_name"], row["sources_sha1"] = device_name(device), SOURCES_SHA1
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.end_process_group()
     with open(args._worker_out, "w") as f:
         json.dump(row, f)
 
@@ -535,7 +534,7 @@ def run_distributed(args):
             row[k] = max(r[k] for r in row["per_rank"])  # the rank that runs out first
         row["device_name"], row["sources_sha1"] = device_name(device), SOURCES_SHA1
         rows.append(row)
-    dist.destroy_process_group()
+    distributed.end_process_group()
     return rows if rank == 0 else None
 
 

@@ -727,3 +727,18 @@ def test_a_run_whose_lock_file_is_gone_stops_before_its_next_save(tmp_path, how)
             check_lock_held(str(tmp_path))
     finally:
         unlock_run_dirs()
+
+
+def test_a_finished_run_leaves_no_process_group_thread_behind(tmp_path):
+    """After run() returns, the gloo threads of its process group are joined. They were not: the FSDP
+    modules' reference cycles kept the group alive past destroy_process_group(), and a finished
+    two-rank run sometimes died at the interpreter's exit with SIGABRT ("terminate called without an
+    active exception"), torchrun then reporting exit 1 for a complete run. Counted as this process's
+    threads, before and after a second run (the first starts torch's own thread pools)."""
+    def threads():
+        return len(os.listdir("/proc/self/task"))
+
+    assert run_here(tmp_path / "first", "--max_steps=1").returncode == 0
+    before = threads()
+    assert run_here(tmp_path / "second", "--max_steps=1").returncode == 0
+    assert threads() == before

@@ -5,6 +5,7 @@ Used by fsdp_train.py and by the benchmarks (bench/throughput.py, bench/group_pa
 bench/memory_estimate.py), so the models they time are the trainer's own.
 """
 import dataclasses
+import gc
 import hashlib
 import os
 from dataclasses import dataclass
@@ -61,6 +62,17 @@ def setup_distributed(cfg: TrainConfig):
     elif cfg.sharding == "full":
         mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
     return dist.get_rank(), world, device, mesh
+
+
+def end_process_group():
+    """Destroy the process group so that it ends here, its gloo/NCCL threads joined: the FSDP modules
+    live in reference cycles (their hooks hold them) and through their DTensors hold the mesh and the
+    group, so they are collected first. Left to the interpreter's exit, a gloo thread still finishing
+    the last collective's work needed the GIL during finalisation, and a rank of a finished run died
+    with SIGABRT ("terminate called without an active exception")."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- models
