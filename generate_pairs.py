@@ -65,6 +65,7 @@ def sample_completions(model, prompts, k, max_new_tokens, temperature, seed, bat
     """k continuations of each prompt (text, cut at the first <|endoftext|>), sampled in batches of
     batch_size rows with the KV cache; rows are the prompts repeated k times, and one generator
     runs through all batches, so one seed fixes all."""
+    check_prompt_lengths(model, prompts, max_new_tokens)  # before any batch is sampled
     rows = [prompt for prompt in prompts for _ in range(k)]
     generator = torch.Generator(device=device).manual_seed(seed)
     texts = [decode(ids) for start in range(0, len(rows), batch_size)
@@ -91,7 +92,7 @@ def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1
     """(pair records, counts, best records): the paper's pipeline on a loaded model and reward. The
     best records hold each prompt's highest-scored completion as "chosen" (the preferred-FT
     baseline's data) and its lowest as "rejected"."""
-    check_generation(model, prompts, k, max_new_tokens, temperature, batch_size)
+    check_generation_options(k, max_new_tokens, temperature, batch_size, seed)
     completions = sample_completions(model, prompts, k, max_new_tokens, temperature, seed, batch_size, device)
     records, ties, best, without_pairs, empty, repeated = [], 0, [], 0, 0, 0
     for prompt, texts in zip(prompts, completions):
@@ -119,6 +120,10 @@ def generate_pairs(model, prompts, reward, k=4, max_new_tokens=24, temperature=1
 def check_generation(model, prompts, k, max_new_tokens, temperature, batch_size):
     """Options that cannot work, refused before any sampling."""
     check_generation_options(k, max_new_tokens, temperature, batch_size)
+    check_prompt_lengths(model, prompts, max_new_tokens)
+
+
+def check_prompt_lengths(model, prompts, max_new_tokens):
     longest = max(range(len(prompts)), key=lambda i: len(encode(prompts[i])))
     length = len(encode(prompts[longest]))
     if length + max_new_tokens > model.config.n_positions:

@@ -3,10 +3,10 @@ one line before any stage or sampling, a multi-process launch is refused on ever
 hanging, and SIGTERM ends the frontier with one line and 143. (The frontier end to end is
 tests/test_fsdp_train.py::test_frontier_command_on_the_demos_sft_model; the pipeline's counts and
 ordering tests/test_reward.py.)"""
-import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -50,11 +50,14 @@ def test_a_bad_frontier_config_is_refused_before_any_stage(tmp_path, capsys, cha
 def test_a_multi_process_launch_of_the_frontier_is_refused_on_every_rank(tmp_path):
     """torchrun --nproc_per_node 2 frontier.py hung for good (both ranks made the same pairs, then the
     next stage's process group never formed): now each rank says how to run it, and all exit."""
+    start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "frontier.py", "--config_file=config/frontier_demo.yaml", f"--out_dir={tmp_path}"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
-    assert result.returncode != 0
-    assert (result.stdout + result.stderr).count("launch it with python, not torchrun") == 2
+    assert result.returncode != 0 and time.monotonic() - start < 120
+    # each rank refuses before any work; torchrun stops the other once the first has exited, so one or both say it
+    assert (result.stdout + result.stderr).count("launch it with python, not torchrun") >= 1
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "pairs.jsonl").exists()
 
 
 def test_sigterm_ends_the_frontier_with_one_line_and_143(tmp_path):
