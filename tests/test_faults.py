@@ -606,13 +606,13 @@ def test_sigterm_during_the_sft_warm_start_saves_it_and_the_relaunch_resumes_it(
     """Stopped within one SFT step (it was 178 s later, after the whole stage and the DPO set-up):
     a checkpoint of the stage, exit 143; the relaunch resumes the stage there and ends with the SFT
     model of a run that was never stopped, bit for bit."""
-    sft = ["--sft_steps=60", "--max_steps=1", "--sharding=none"]
+    sft = ["--sft_steps=24", "--max_steps=1", "--sharding=none", "--n_samples=0", "--kl_samples=0"]
     process = subprocess.Popen(command(tmp_path / "stopped", *sft), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    output = signal_when_logged(process, r"^sft step 5/60", signal.SIGTERM)
+    output = signal_when_logged(process, r"^sft step 3/24", signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
-    stopped_at = int(re.search(r"during the SFT warm start after step (\d+)/60", output).group(1))
-    assert 5 <= stopped_at < 60 and "training:" not in output  # before DPO was set up
+    stopped_at = int(re.search(r"during the SFT warm start after step (\d+)/24", output).group(1))
+    assert 3 <= stopped_at < 24 and "training:" not in output  # before DPO was set up
     assert (tmp_path / "stopped" / "sft" / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
     resumed = run(tmp_path / "stopped", *sft)  # processes, as the stopped one: the same threads, the same sums
     assert resumed.returncode == 0 and "SFT warm start resumed from" in resumed.stdout, resumed.stderr[-2000:]
@@ -674,7 +674,7 @@ def test_a_kill_after_the_last_checkpoint_never_leaves_a_partial_export(tmp_path
     metrics_before = (tmp_path / "metrics.jsonl").read_text()
 
     def finished(already_complete=False):
-        result = run(tmp_path, "--sharding=none", "--ckpt_every=2")
+        result = run_here(tmp_path, "--sharding=none", "--ckpt_every=2")
         assert result.returncode == 0, result.stderr[-2000:]
         said = "run complete" if already_complete else "finishing from it, without training"
         assert said in result.stdout and not re.search(r"^step \d", result.stdout, re.M), result.stdout[-2000:]
@@ -690,7 +690,7 @@ def test_a_kill_after_the_last_checkpoint_never_leaves_a_partial_export(tmp_path
     finished()
     (final / "export.json").write_text(json.dumps({"step": 2}))  # an export of an earlier step
     finished()
-    complete = run(tmp_path, "--sharding=none", "--ckpt_every=2")
+    complete = run_here(tmp_path, "--sharding=none", "--ckpt_every=2")
     assert complete.returncode == 0 and "run complete" in complete.stdout
 
 
