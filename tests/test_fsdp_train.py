@@ -147,6 +147,18 @@ def test_gradient_accumulation_equals_one_large_batch(single, tmp_path):
     assert_weights_close(final_weights(tmp_path), final_weights(single))
 
 
+def test_rmsprop_stops_and_resumes_bitwise_like_adamw(tmp_path):
+    """The paper's optimizer (optimizer: rmsprop) keeps its state across a checkpoint: stopped at step
+    2 and resumed, the losses and weights of an uninterrupted run (its step: tests/test_optim.py)."""
+    rmsprop = ["--sharding=none", "--ckpt_every=2", "--optimizer=rmsprop", "--lr=1e-4"]
+    run_python(tmp_path / "whole", *rmsprop)
+    run_python(tmp_path / "cut", *rmsprop, "--max_steps=2")
+    assert "at step 2" in run_python(tmp_path / "cut", *rmsprop).stdout
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "whole")
+    a, b = final_weights(tmp_path / "cut"), final_weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_stop_and_resume_is_bitwise_equal_to_uninterrupted(single, tmp_path):
     run_python(tmp_path, "--sharding=none", "--ckpt_every=2", "--max_steps=2")
     assert os.path.isdir(tmp_path / "checkpoints" / "step_000002")

@@ -81,3 +81,28 @@ def test_weight_decay_applies_to_matrices_and_embeddings_only():
                         for m in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_attn.bias",
                                   "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias")}
     assert not_decayed == norms_and_biases | {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+
+
+def test_rmsprop_steps_as_its_formula_with_decay_only_on_matrices():
+    """The DPO paper's optimizer (App. B), three steps against RMSprop written out here (Hinton's
+    lecture 6e, as torch documents it): v = a v + (1 - a) g^2, p -= lr g / (sqrt(v) + eps), with the
+    L2 decay added to the gradient of the >= 2-D weights only."""
+    import torch
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=32, n_positions=8)).init_weights(seed=0)
+    cfg = TrainConfig(optimizer="rmsprop", lr=1e-2, weight_decay=0.1)
+    optimizer = make_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.RMSprop)
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    square_avg = {name: torch.zeros_like(p) for name, p in expected.items()}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = {name: torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()}
+        for name, p in model.named_parameters():
+            p.grad = grads[name].clone()
+        optimizer.step()
+        for name, p in expected.items():
+            g = grads[name] + (0.1 * p if p.dim() >= 2 else 0.0)
+            square_avg[name] = 0.99 * square_avg[name] + 0.01 * g * g
+            p -= 1e-2 * g / (square_avg[name].sqrt() + 1e-8)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-7)

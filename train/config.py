@@ -78,7 +78,9 @@ class TrainConfig:
     precompute_reference: bool = option(False, "compute the reference log-probs of every pair once before "
                                         "training, cache them in out_dir, and hold no reference model")
     # --- optimisation
-    lr: float = option(5e-5, "peak learning rate (AdamW)", identity=True)
+    optimizer: str = option("adamw", "adamw, or rmsprop (the DPO paper's, App. B: with lr 1e-6 and warmup_steps 150)",
+                            identity=True)
+    lr: float = option(5e-5, "peak learning rate", identity=True)
     weight_decay: float = option(0.0, "AdamW weight decay, applied to 2-D weights only", identity=True)
     adam_beta1: float = option(0.9, "AdamW beta1", identity=True)
     adam_beta2: float = option(0.999, "AdamW beta2", identity=True)
@@ -135,7 +137,7 @@ CHOICES = {
     "logps": ("auto", "sum", "mean"), "sft_on": ("chosen", "all"), "lr_schedule": ("constant", "cosine"),
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
     "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
-    "lm_head_precision": HEAD_PRECISIONS,
+    "lm_head_precision": HEAD_PRECISIONS, "optimizer": ("adamw", "rmsprop"),
 }
 MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offsets per-eval sampling seeds
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",

@@ -1,15 +1,20 @@
-"""The optimizer side of a step: AdamW with its decay groups, the learning-rate schedule, and the
-dynamic loss scale that fp16 needs."""
+"""The optimizer side of a step: AdamW (or the DPO paper's RMSprop) with its decay groups, the
+learning-rate schedule, and the dynamic loss scale that fp16 needs."""
 import math
 
 import torch
 
 
 def make_optimizer(model, cfg):
-    """AdamW; weight decay only on >= 2-D weights (matrices and embeddings), not biases or norms."""
+    """AdamW, or RMSprop as the DPO paper trains (App. B: RMSprop, lr 1e-6; the authors' code builds
+    torch.optim.RMSprop with its defaults: alpha 0.99, eps 1e-8, no momentum). Weight decay only on
+    >= 2-D weights (matrices and embeddings), not biases or norms; RMSprop's is added to the gradient
+    (L2), AdamW's decoupled."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=0.99, eps=1e-8, foreach=True)
     # fused: one kernel over all tensors, without the foreach path's per-step temporaries (CPU and CUDA)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
 
