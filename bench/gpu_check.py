@@ -174,7 +174,7 @@ def run_stage(stage, args, work_root, deadline, comm_ok, log):
     record = {"stage": stage.name, "estimate_s": stage.estimate_s, "box_s": stage.box_s,
               "budget_left_s": round(budget_left, 1)}
     if budget_left < args.min_start:
-        return record | {"status": "skipped", "reason": f"{budget_left:.0f} s of the budget left"}
+        return record | {"status": "skipped", "reason": f"{max(budget_left, 0):.0f} s of the budget left"}
     timeout = min(stage.box_s, budget_left)
     work = os.path.join(work_root, stage.name)
     os.makedirs(work, exist_ok=True)
