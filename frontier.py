@@ -31,6 +31,7 @@ from generate_pairs import check_generation_options, generate_pairs, read_prompt
 from gpt2 import GPT
 from train.config import parse_args, read_yaml, shortened
 from train.distributed import resolve_device
+from train.preemption import StopRequests
 from train.reward import fetch_reward, load_reward
 from train.run_dir import final_dir, read_metrics, write_atomic
 
@@ -103,7 +104,8 @@ def train(cfg: FrontierConfig, name, options, log):
     """One fsdp_train run in out_dir/name (resumed or left alone if it is already there)."""
     argv = as_argv(cfg.trainer | options | {"out_dir": os.path.join(cfg.out_dir, name)})
     log(f"== {name}: python fsdp_train.py {' '.join(argv)}")
-    exit_code = fsdp_train.run(argv)
+    stop_requests = StopRequests()
+    exit_code = fsdp_train.run(argv, stop_requests)
     if exit_code == 2:
         raise ConfigError(f"the {name} run stopped on bad input (the error above)")
     if exit_code > 128:  # SIGTERM/SIGINT: the run saved a checkpoint
@@ -111,6 +113,9 @@ def train(cfg: FrontierConfig, name, options, log):
                                          "after a checkpoint: run the same command to go on")
     if exit_code != 0:
         raise RuntimeError(f"the {name} run failed with exit code {exit_code} (its messages are above)")
+    if stop_requests.received:  # came during the run's last step or its end, which it finished
+        raise Preempted(stop_requests.received, f"stopped by {signal.Signals(stop_requests.received).name} as the "
+                                                f"{name} run ended (it is complete): run the same command to go on")
     return final_dir(os.path.join(cfg.out_dir, name))
 
 

@@ -149,7 +149,7 @@ def main(argv=None, stop_requests=None):
         log(format_log_line("eval", line))
     stop_if_asked(stop_requests, device, "the first samples and eval")
 
-    log(f"training: {last_step - step} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
+    log(f"training: {max(0, last_step - step)} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
     t_start, step_start, window_tokens, t_window, bad_steps = time.time(), step, 0, time.time(), 0
     while step < last_step:
         step_input = assemble_step(step, train_pairs, cfg, rank, world, device, reference_logps)
@@ -180,7 +180,7 @@ def main(argv=None, stop_requests=None):
 
     # The end: the final eval and the last checkpoint, then what is made from them (samples.md, final/),
     # which a relaunch after a crash here makes again from that checkpoint (start_or_resume).
-    line = on_rank0(recorded_final_eval, device, "read metrics.jsonl", cfg.out_dir, step) if step == step_start else None
+    line = None if step > step_start else on_rank0(recorded_final_eval, device, "read metrics.jsonl", cfg.out_dir, step)
     if line is None:
         line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
                                                  cfg, rank, world, device))
@@ -221,15 +221,17 @@ def export(cfg, state, step, device, log, final_metrics, counts, argv):
         f"{metrics_file(cfg.out_dir)}")
 
 
-def run(argv=None) -> int:
+def run(argv=None, stop_requests=None) -> int:
     """The error boundary (errors.exit_code_of). Bad input (a config value, a data file, weights, a
     checkpoint, a run directory in use): one line that names what and where, exit 2. A run stopped
     on purpose (non-finite losses or weights): one line, exit 1. SIGTERM/SIGINT: a checkpoint, one
     line, exit 128 + the signal. Anything else is a bug or a failure of the machine: it propagates
     with its traceback (exit 1). On every path the process group is destroyed after main's FSDP
-    state is freed, the run directory's lock released and the signal handlers restored."""
+    state is freed, the run directory's lock released and the signal handlers restored.
+    stop_requests: for a caller that runs several jobs (frontier.py), to see afterwards whether a
+    signal came while this one was finishing."""
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
-    stop_requests = StopRequests()
+    stop_requests = stop_requests or StopRequests()
     stop_requests.install()
     try:
         return exit_code_of(main, argv, stop_requests)

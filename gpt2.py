@@ -169,11 +169,12 @@ def scored_logits(x, weight, precision: str = "fp32"):
       fp32              an fp32 GEMM: on an H100/H200 ~67 TFLOP/s against ~990 for bf16
     (TF32 would also be exact on bf16 values, at half bf16's rate; it is a process-wide flag, so
     the trainer does not offer it.) In backward, bf16_in_fp32_out rounds the logits' fp32 gradient
-    to the inputs' dtype, as every bf16 layer's gradient is; fp32 keeps it in fp32.
+    to the inputs' dtype before its two GEMMs, as every bf16 layer's backward does; fp32 runs them in
+    fp32. Either way the gradients of x and weight come out in their own dtype.
     """
     if precision not in HEAD_PRECISIONS:
         raise ValueError(f"head precision {precision!r} is not one of {HEAD_PRECISIONS}")
-    if precision == "bf16_in_fp32_out":
+    if precision == "bf16_in_fp32_out" and x.dtype == weight.dtype:  # (a bf16 x over fp32 weights: fp32's GEMM)
         return Bf16InFp32Out.apply(x, weight)
     return F.linear(x.float(), weight.float())
 

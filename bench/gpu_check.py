@@ -18,7 +18,8 @@ Stages (estimated seconds on an H100/H200, box = the most a stage may take):
     compile         150 / 180  throughput of gpt2 with --compile; the compiled trainer run, recompiles logged
     extras            - / 180  only in the time left: 8-pair rows, gpt2-xl with checkpointing, the demo
 A stage starts only with at least --min_start seconds of the budget left, and runs for at most its
-box or what is left. If the NCCL probe fails, only what needs no process group on CUDA runs (transformers'
+box or what is left. --only reruns one stage without the probe, taking NCCL as working. If the
+NCCL probe fails, only what needs no process group on CUDA runs (transformers'
 throughput, the model-level parity tests), and comm.log in the archive holds NCCL's warnings.
 
 What comes back in OUT_DIR, four files, each rewritten after every stage:
@@ -90,7 +91,7 @@ def sizes(args, names):
 
 def throughput(args, work, sizes_list, timeout, *extra):
     """bench/throughput.py on this device; each worker may take a share of the stage's time."""
-    n_workers = len(sizes_list.split(",")) * (1 if "--impls=transformers" in extra else 2)
+    n_workers = len(sizes_list.split(",")) * (1 if any(e.startswith("--impls=") and "," not in e for e in extra) else 2)
     shape = (["--pairs=2", "--prompt_len=8", "--response_len=4", "--warmup=1", "--threads=1"]
              if args.device == "cpu" else ["--pairs=64"])
     return [python(), "bench/throughput.py", f"--device={args.device}", f"--sizes={sizes_list}", *shape,
@@ -152,7 +153,10 @@ def run_command(argv, env, timeout, log_path):
         try:
             exit_code = process.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the group ended between the timeout and the kill
+                pass
             process.wait()
             exit_code = "timeout"
     keep_tail(log_path, LOG_CAP_BYTES)

@@ -649,6 +649,12 @@ def test_a_damaged_train_state_falls_back_to_the_older_checkpoint(tmp_path):
         assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
         shutil.rmtree(run_dir)
         shutil.copytree(tmp_path / "as_saved", run_dir)
+    # keeping one checkpoint: the damaged step 4 neither counts nor pushes out the steps saved after it
+    state = run_dir / "checkpoints" / "step_000004" / "train_state.json"
+    state.write_text(state.read_text()[:100])
+    resumed = run_here(run_dir, "--sharding=none", "--ckpt_every=1", "--keep_checkpoints=1", "--max_steps=6")
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000006"]
 
 
 def test_a_damaged_sft_json_is_one_line_not_a_traceback(tmp_path):
@@ -711,12 +717,32 @@ def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path):
         process.wait()
 
 
-@pytest.mark.parametrize("how", ["deleted", "replaced"])
-def test_a_run_whose_lock_file_is_gone_stops_before_its_next_save(tmp_path, how):
-    """Where the directory cannot be locked (NFS), the lock file's identity guards the writes: checked
-    before each save, a deleted or replaced .lock stops the run instead of a second writer's."""
-    from errors import TrainingStopped
+def test_a_refused_launch_leaves_the_live_runs_lock_alone(tmp_path):
+    """With out_dir itself locked, a second launch after `rm .lock` is refused before it creates any
+    file, so the live run's guard before its next save still passes (a new .lock there would have
+    stopped the live run instead)."""
+    from errors import ConfigError
     from train.run_dir import check_lock_held, lock_run_dir, unlock_run_dirs
+    lock_run_dir(str(tmp_path))
+    try:
+        (tmp_path / ".lock").unlink()
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            lock_run_dir(str(tmp_path))  # another open file description: refused as another process would be
+        assert not (tmp_path / ".lock").exists()
+        check_lock_held(str(tmp_path))
+    finally:
+        unlock_run_dirs()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_run_whose_lock_file_is_gone_stops_before_its_next_save(tmp_path, monkeypatch, how):
+    """Where the directory cannot be locked (NFS, simulated: lock_directory finds no lock to take),
+    the lock file's identity guards the writes: checked before each save, a deleted or replaced .lock
+    stops the run instead of a second writer's."""
+    from errors import TrainingStopped
+    from train import run_dir
+    from train.run_dir import check_lock_held, lock_run_dir, unlock_run_dirs
+    monkeypatch.setattr(run_dir, "lock_directory", lambda out_dir: None)
     lock_run_dir(str(tmp_path))
     try:
         check_lock_held(str(tmp_path))

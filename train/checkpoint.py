@@ -215,7 +215,13 @@ def complete_checkpoint(out_dir, step, train_state: dict, keep: int):
     os.rename(tmp, final)
     if os.path.isdir(replaced):
         shutil.rmtree(replaced)
-    for old_step, old in complete_checkpoints(out_dir)[:-keep]:
+    # The `keep` newest readable checkpoints stay, and always this one (a stale checkpoint of a higher
+    # step must not push it out); one whose train_state.json is damaged is neither counted nor deleted.
+    readable = [(s, path) for s, path in complete_checkpoints(out_dir) if train_state_problem(path) is None]
+    kept = {path for _, path in readable[-keep:]} | {final}
+    for old_step, old in readable:
+        if old in kept:
+            continue
         deleting = os.path.join(root, f".tmp_deleting_step_{old_step:06d}")
         os.rename(old, deleting)  # invisible first, so a crash mid-deletion leaves no half checkpoint
         shutil.rmtree(deleting)

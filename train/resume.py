@@ -49,8 +49,8 @@ def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
             if on_rank0(exported_step, device, f"read {final_dir(cfg.out_dir)}", final_dir(cfg.out_dir)) == saved_step:
                 log(complete_message(cfg, path, saved_step, last_step))
                 return None
-            log(f"{path} is the run's last step, but {final_dir(cfg.out_dir)} is not its complete export (the run "
-                "was stopped after its last save): finishing from it, without training")
+            log(f"{path} is at or past this command's last step ({last_step}), but {final_dir(cfg.out_dir)} is not "
+                "its complete export (the run was stopped after its last save): finishing from it, without training")
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
     if path:
         on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)

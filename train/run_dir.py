@@ -94,23 +94,32 @@ def lock_run_dir(out_dir, log=print):
     with byte-range locks, which need a file open for writing), check_lock_held() finds a .lock that
     is no longer the file this run locked before every save, and the run stops instead of writing.
     """
+    path = os.path.join(out_dir, LOCK_FILE)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        dir_fd = lock_directory(out_dir)  # first: a launch refused here creates nothing in out_dir
+    except BlockingIOError:
+        raise ConfigError(f"out_dir {out_dir!r} is in use by another run ({_describe(_read_holder_at(path))}); "
+                          "wait for it to end or use another out_dir") from None
     except OSError as err:
         raise ConfigError(f"out_dir {out_dir!r} is not writable ({err})") from err
     try:
-        dir_fd = lock_directory(out_dir)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        _close(dir_fd)
+        raise ConfigError(f"out_dir {out_dir!r} is not writable ({err})") from err
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _read_holder(fd)
         os.close(fd)
+        _close(dir_fd)
         raise ConfigError(f"out_dir {out_dir!r} is in use by another run ({_describe(holder)}); wait for it to end "
                           "or use another out_dir") from None
     holder = _read_holder(fd)
     if holder and holder.get("host") != socket.gethostname():
         os.close(fd)
+        _close(dir_fd)
         raise ConfigError(f"out_dir {out_dir!r} is locked by a run on another machine ({_describe(holder)}), "
                           f"which cannot be checked from here. If that run has ended, delete {path}")
     if holder:
@@ -119,6 +128,22 @@ def lock_run_dir(out_dir, log=print):
     os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
     _held_locks.append((out_dir, fd, dir_fd))
+
+
+def _close(fd):
+    if fd is not None:
+        os.close(fd)
+
+
+def _read_holder_at(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # deleted while its run is live: no holder to name
+        return None
+    try:
+        return _read_holder(fd)
+    finally:
+        os.close(fd)
 
 
 def lock_directory(out_dir):
@@ -137,10 +162,11 @@ def lock_directory(out_dir):
 
 
 def check_lock_held(out_dir):
-    """Rank 0, before each save: out_dir/.lock is still the file this run locked. If it was deleted or
-    replaced, another launch may be writing here: stop rather than write beside it."""
-    for held_dir, fd, _ in _held_locks:
-        if held_dir != out_dir:
+    """Rank 0, before each save, where out_dir itself could not be locked (NFS): out_dir/.lock is
+    still the file this run locked. If it was deleted or replaced, another launch may be writing
+    here: stop rather than write beside it. (With the directory locked, no other launch gets in.)"""
+    for held_dir, fd, dir_fd in _held_locks:
+        if held_dir != out_dir or dir_fd is not None:
             continue
         path = os.path.join(out_dir, LOCK_FILE)
         try:

@@ -20,7 +20,7 @@ from train.distributed import TrainingState, build_training_state
 from train.optim import lr_at
 from train.rank0 import on_rank0
 from train.run_dir import write_atomic
-from train.step import assemble_step, reduce_across_ranks, train_step
+from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
 
 
 # Identity fields the SFT stage does not read: DPO's objective and loss, its reference, and sft_on (the
@@ -48,19 +48,24 @@ def warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log, st
         if len(responses) < cfg.batch_size:
             raise ConfigError(f"sft_steps: the training pairs hold {len(responses)} distinct responses, fewer than "
                               f"batch_size={cfg.batch_size}")
+        bad_steps = 0
         for step in range(resume_sft(sft_dir, recipe, state, device, log), cfg.sft_steps):
             # state's AdamW: train_step sets each step's lr (sft_lr's schedule)
             step_input = assemble_step(step, responses, sft_cfg, rank, world, device)
-            metrics, grad_norm, _, stop_signal = train_step(state.policy, None, state.optimizer,
-                                                            step_input.micro_batches, sft_cfg,
-                                                            lr_at(step, cfg.sft_steps, sft_cfg), state.scaler,
-                                                            stop_requests=stop_requests)
+            metrics, grad_norm, applied, stop_signal = train_step(state.policy, None, state.optimizer,
+                                                                  step_input.micro_batches, sft_cfg,
+                                                                  lr_at(step, cfg.sft_steps, sft_cfg), state.scaler,
+                                                                  stop_requests=stop_requests)
+            if not applied:  # counted against max_bad_steps as DPO's steps are
+                bad_steps = count_bad_step(step, metrics, grad_norm, step_input, state.scaler, bad_steps, sft_cfg,
+                                           log)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.sft_steps:
                 values, _ = reduce_across_ranks(metrics, grad_norm, 0, world, device)
                 log(f"sft step {step + 1}/{cfg.sft_steps} | loss {values['loss']:.4f} | norm {values['grad_norm']:.2f}")
             if stop_signal and step + 1 < cfg.sft_steps:
                 stop_sft(sft_dir, step + 1, cfg.sft_steps, state, recipe, device, stop_signal)
         full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        on_rank0(run_dir.check_lock_held, device, "check the run directory's lock", cfg.out_dir)
         on_rank0(write_sft_model, device, f"write {sft_dir}", state.config, full, sft_dir, recipe)
         del full
     log(f"SFT warm start: {sft_dir} is DPO's starting point and reference")
@@ -76,6 +81,8 @@ def resume_sft(sft_dir, recipe, state, device, log) -> int:
     stop, if it was made with this recipe (loaded into state), else 0."""
     path = on_rank0(checkpoint.newest_checkpoint, device, f"list {sft_dir}/checkpoints", sft_dir, log)
     if path is None or on_rank0(checkpoint.saved_identity, device, f"read {path}", path) != recipe:
+        # another recipe's stop (or none readable): gone, so it can never outrank this recipe's saves
+        on_rank0(remove_sft_checkpoints, device, f"remove {sft_dir}/checkpoints", sft_dir)
         return 0
     on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
     train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
@@ -84,8 +91,14 @@ def resume_sft(sft_dir, recipe, state, device, log) -> int:
     return train_state["step"]
 
 
+def remove_sft_checkpoints(sft_dir):
+    if os.path.isdir(run_dir.checkpoints_dir(sft_dir)):
+        shutil.rmtree(run_dir.checkpoints_dir(sft_dir))
+
+
 def stop_sft(sft_dir, step, sft_steps, state, recipe, device, signum):
     """Collective: SIGTERM/SIGINT reached a rank during the SFT stage. Its checkpoint, then the stop."""
+    on_rank0(run_dir.check_lock_held, device, "check the run directory's lock", os.path.dirname(sft_dir))
     path = checkpoint.save_checkpoint(sft_dir, step, state.policy, state.optimizer, {
         "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps, "identity": recipe},
         1, device)
@@ -96,7 +109,7 @@ def stop_sft(sft_dir, step, sft_steps, state, recipe, device, signum):
 def check_no_dpo_checkpoint(out_dir, sft_dir):
     """A DPO checkpoint in out_dir was trained against out_dir/sft/ as it is: redoing the SFT stage
     (other sft_* settings, or sft.json gone) would replace its reference under it."""
-    if checkpoint.newest_checkpoint(out_dir) is not None:
+    if checkpoint.complete_checkpoints(out_dir):  # damaged ones too: they were trained on it as well
         raise ConfigError(f"{out_dir} holds DPO checkpoints trained from {sft_dir}, whose sft.json is missing, "
                           "damaged or does not match this run's SFT settings (any option the SFT stage reads, the "
                           "data or the starting weights); use another out_dir, or the settings of the run that "
@@ -135,5 +148,4 @@ def write_sft_model(config, state_dict, sft_dir, recipe):
         os.remove(os.path.join(sft_dir, "sft.json"))
     write_hf_checkpoint(config, state_dict, sft_dir)
     write_atomic(os.path.join(sft_dir, "sft.json"), json.dumps(recipe))  # last: the model is complete
-    if os.path.isdir(run_dir.checkpoints_dir(sft_dir)):  # a stopped stage's checkpoint is done with
-        shutil.rmtree(run_dir.checkpoints_dir(sft_dir))
+    remove_sft_checkpoints(sft_dir)  # a stopped stage's checkpoint is done with
