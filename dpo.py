@@ -135,6 +135,26 @@ def sft_loss(model, batch: PairBatch):
     return loss, {"loss": loss.detach(), "logps/chosen": chosen_logps.detach().mean()}
 
 
+def unlikelihood_loss(model, batch: PairBatch, alpha: float):
+    """The DPO paper's unlikelihood baseline (Sec. 6: maximise log p(y_w|x) and push down y_l with a
+    coefficient alpha), the token-level unlikelihood of Welleck et al. 2019 (Eq. 4, with the
+    dispreferred response's tokens as the negative candidates):
+        loss = -(1/N_w) sum_t log p(y_w,t | x, y_w,<t) - alpha (1/N_l) sum_t log(1 - p(y_l,t | x, y_l,<t))
+    N_w, N_l: the batch's chosen and rejected tokens (per-token means, as sft_loss). One forward over
+    the batch's 2B rows; p is kept below 1 - 1e-6 in the second term so its gradient stays finite."""
+    n_rows, n = batch.input_ids.size(0), batch.n_chosen_tokens
+    logits = model(batch.input_ids, logits_at=batch.predictor_index)  # (N, V): chosen tokens first
+    per_token = token_logps(logits, batch.target_ids)  # (N,) fp32
+    chosen, rejected = per_token[:n], per_token[n:]
+    likelihood = -chosen.sum() / n
+    unlikelihood = -torch.log1p(-rejected.exp().clamp(max=1 - 1e-6)).sum() / max(1, rejected.numel())
+    loss = likelihood + alpha * unlikelihood
+    sums = _sum_per_sequence(per_token.detach(), batch.target_row, n_rows)  # (2B,)
+    return loss, {"loss": loss.detach(), "nll/chosen": likelihood.detach(),
+                  "unlikelihood/rejected": unlikelihood.detach(), "logps/chosen": sums[:n_rows // 2].mean(),
+                  "logps/rejected": sums[n_rows // 2:].mean()}
+
+
 @dataclass
 class PairLogps:
     """One forward over a batch of B pairs, per pair: (B,) fp32 tensors. Log-probs are summed over

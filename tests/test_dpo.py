@@ -510,3 +510,39 @@ def test_a_groups_pairs_share_one_packed_row_and_keep_their_logps(hf_and_ours):
             n_tokens += len(response)
         metrics = preference_metrics(torch.zeros(len(pairs)), both, None, None, beta=0.1)
         assert metrics[f"logits/{side}"].item() == pytest.approx(total / n_tokens, rel=1e-5)
+
+
+def test_unlikelihood_is_welleck_token_unlikelihood_on_the_rejected_response(hf_and_ours):
+    """The paper's unlikelihood baseline written out on transformers' probabilities: the chosen
+    tokens' mean negative log-likelihood plus alpha times the rejected tokens' mean -log(1 - p), each
+    sequence alone (Welleck et al. 2019, Eq. 4); and its gradient, against autograd through it."""
+    from data.batches import Pair, collate_pairs
+    from dpo import unlikelihood_loss
+    hf, ours = hf_and_ours
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(4, 3, 10), (6, 8, 2)]  # (prompt, chosen, rejected) lengths
+    pairs = [Pair(*(torch.randint(0, 50257, (n,), generator=gen).tolist() for n in shape), group_index=i,
+                  chosen_index=0, rejected_index=1) for i, shape in enumerate(shapes)]
+    alpha = 0.5
+
+    def token_probs(model, prompt, response):  # p(response_t | prompt, response_<t), every t, fp64
+        ids = torch.tensor([prompt + response])
+        out = model(ids)
+        logits = getattr(out, "logits", out)  # transformers' output, or our logits
+        return logits[0, len(prompt) - 1:-1].double().softmax(-1).gather(-1, ids[0, len(prompt):, None]).squeeze(-1)
+
+    chosen = torch.cat([token_probs(hf, p.prompt, p.chosen) for p in pairs])
+    rejected = torch.cat([token_probs(hf, p.prompt, p.rejected) for p in pairs])
+    expected = -chosen.log().mean() - alpha * (1 - rejected).log().mean()
+    loss, metrics = unlikelihood_loss(ours, collate_pairs(pairs), alpha)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["nll/chosen"].item() == pytest.approx(-chosen.log().mean().item(), rel=1e-5)
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in ours.named_parameters()}
+    ours.zero_grad(set_to_none=True)
+    direct = -torch.cat([token_probs(ours, p.prompt, p.chosen) for p in pairs]).log().mean() - alpha * (
+        1 - torch.cat([token_probs(ours, p.prompt, p.rejected) for p in pairs])).log().mean()
+    direct.backward()
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6)  # fp32 here, fp64 softmax there
+    ours.zero_grad(set_to_none=True)

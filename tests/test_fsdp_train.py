@@ -472,3 +472,16 @@ def test_sample_refuses_values_it_cannot_use_in_one_line(tmp_path, capsys, optio
     assert exit_code_of(sample.main, ["--model", str(tmp_path / "not_loaded"), option]) == 2
     err = capsys.readouterr().err  # refused before the model (which does not exist) is looked for
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_unlikelihood_trains_end_to_end_with_the_kl_against_its_start(tmp_path):
+    """objective: unlikelihood through the whole job: its terms logged, no preference "loss" in the
+    eval lines (it does not train that), eval/kl against the starting weights, a model card saying so."""
+    run_python(tmp_path, "--sharding=none", "--objective=unlikelihood", "--unlikelihood_alpha=0.5", "--max_steps=2",
+               "--eval_every=0")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert len(steps) == 2 and all({"nll/chosen", "unlikelihood/rejected"} <= set(line) for line in steps)
+    final = lines[-1]
+    assert "eval/loss" not in final and final["eval/kl"] >= -1 and "eval/rewards/accuracies" in final
+    assert "unlikelihood: maximum likelihood of the chosen responses" in (tmp_path / "final" / "README.md").read_text()

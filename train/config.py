@@ -60,7 +60,11 @@ class TrainConfig:
     max_len: int = option(88, "prompt + response tokens; responses are cut to max_len - prompt length")
     eval_fraction: float = option(0.05, "fraction of prompts (groups) held out for evaluation", identity=True)
     # --- objective
-    objective: str = option("dpo", "dpo, or sft: maximise the likelihood of the chosen responses", identity=True)
+    objective: str = option("dpo", "dpo; sft: maximise the likelihood of the chosen responses; or unlikelihood "
+                            "(the paper's baseline): that, and push down each rejected token (unlikelihood_alpha)",
+                            identity=True)
+    unlikelihood_alpha: float = option(1.0, "unlikelihood: the weight of the rejected tokens' -log(1 - p) (the "
+                                       "paper's alpha, in 0.05-1)", identity=True)
     loss_type: str = option("sigmoid", f"DPO loss: one of {', '.join(LOSS_TYPES)} (see README)", identity=True)
     beta: float = option(0.1, "DPO's beta: strength of the KL penalty towards the reference", identity=True)
     label_smoothing: float = option(0.0, "assumed label-flip rate eps in [0, 0.5) for sigmoid (cDPO) and robust",
@@ -133,7 +137,8 @@ class TrainConfig:
 
 
 CHOICES = {
-    "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft"), "loss_type": LOSS_TYPES,
+    "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft", "unlikelihood"),
+    "loss_type": LOSS_TYPES,
     "logps": ("auto", "sum", "mean"), "sft_on": ("chosen", "all"), "lr_schedule": ("constant", "cosine"),
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
     "reference_precision": ("same", "bf16", "fp16", "fp32"), "sharding": ("full", "hybrid", "none"),
@@ -142,7 +147,7 @@ CHOICES = {
 MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offsets per-eval sampling seeds
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
             "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")
-NON_NEGATIVE = ("sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
+NON_NEGATIVE = ("unlikelihood_alpha", "sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
                 "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature")
 
 

@@ -189,9 +189,9 @@ class TrainingState:
 
 
 def needs_reference_model(cfg: TrainConfig) -> bool:
-    """DPO's frozen reference; for SFT with kl_samples > 0, the starting weights that eval/kl is
-    measured against (kl_samples: 0 trains SFT without that copy)."""
-    return (cfg.objective == "dpo" and not cfg.reference_free) or (cfg.objective == "sft" and cfg.kl_samples > 0)
+    """DPO's frozen reference; for SFT and unlikelihood with kl_samples > 0, the starting weights that
+    eval/kl is measured against (kl_samples: 0 trains them without that copy)."""
+    return (cfg.objective == "dpo" and not cfg.reference_free) or (cfg.objective != "dpo" and cfg.kl_samples > 0)
 
 
 def build_training_state(cfg: TrainConfig, rank: int, device, mesh) -> TrainingState:

@@ -76,19 +76,19 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
     metrics = {}
     if eval_pairs:
         policy_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(policy), cfg, rank, world, device))
-        if cfg.objective == "sft" or cfg.reference_free:
+        if cfg.objective != "dpo" or cfg.reference_free:
             reference_logps = None
         elif reference_eval_logps is not None:  # (N, 2) summed, precomputed
             reference_logps = reference_eval_logps.unbind(-1)
         else:
             reference_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(reference), cfg, rank, world, device))
             reference_logps = reference_logps.chosen, reference_logps.rejected
-        sft = cfg.objective == "sft"
+        sft = cfg.objective != "dpo"  # sft and unlikelihood: the preference metrics of the policy alone
         _, metrics = dpo_loss(policy_logps, *(reference_logps or (None, None)), beta=cfg.beta,
                               loss_type="sigmoid" if sft else cfg.loss_type,
                               label_smoothing=0.0 if sft else cfg.label_smoothing,
                               reference_free=reference_logps is None, average=logps_average(cfg))
-    if cfg.objective == "sft":  # the preference loss above is not what SFT trains: don't log it as "loss"
+    if cfg.objective != "dpo":  # the preference loss above is not what these train: don't log it as "loss"
         metrics.pop("loss", None)
     if cfg.kl_samples > 0 and eval_pairs and (reference is not None or cfg.reward):
         metrics |= sampled_metrics(policy, reference, eval_sample_prompts(eval_pairs, cfg.kl_samples), cfg, device)

@@ -115,6 +115,8 @@ def model_card(cfg: TrainConfig, final_metrics: dict, counts: dict, command: str
                f"a random initialisation ({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd})"
                if cfg.init_from == "scratch" else f"the local weights `{cfg.init_from}`")
     objective = ("supervised fine-tuning on the chosen responses (`objective: sft`)" if cfg.objective == "sft" else
+                 "unlikelihood training (`objective: unlikelihood`, the DPO paper's baseline)"
+                 if cfg.objective == "unlikelihood" else
                  "Direct Preference Optimization ([Rafailov et al. 2023](https://arxiv.org/abs/2305.18290))")
     rows = [("base model", started), ("data", data_row(cfg, counts)), ("objective", objective_row(cfg)),
             ("steps", steps_row(cfg, final_metrics)),
@@ -160,6 +162,9 @@ def data_row(cfg: TrainConfig, counts: dict) -> str:
 def objective_row(cfg: TrainConfig) -> str:
     if cfg.objective == "sft":
         return "sft (maximum likelihood of the chosen responses)"
+    if cfg.objective == "unlikelihood":
+        return (f"unlikelihood: maximum likelihood of the chosen responses and the unlikelihood of the rejected "
+                f"ones' tokens, α = {cfg.unlikelihood_alpha}")
     row = (f"dpo, loss_type {cfg.loss_type}, β = {cfg.beta}, label_smoothing {cfg.label_smoothing}, "
            f"reference_free {str(cfg.reference_free).lower()}, sequence log-probs: {cfg.logps}")
     if cfg.sft_steps:
