@@ -53,10 +53,7 @@ def start_or_resume(cfg, identity, state, device, log, last_step) -> int | None:
                 "its complete export (the run was stopped after its last save): finishing from it, without training")
     on_rank0(checkpoint.remove_partial_checkpoints, device, "clean up checkpoints", cfg.out_dir, log)
     if path:
-        on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
-        train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
-        step, state.scaler.scale, state.scaler.good_steps = (train_state["step"], train_state["loss_scale"],
-                                                             train_state["good_steps"])
+        step = load_state(path, state, device)
         log(f"resumed from {path} at step {step}")
     on_rank0(write_config, device, f"write {cfg.out_dir}/config.yaml", cfg)
     on_rank0(keep_metrics_until, device, f"prepare {cfg.out_dir}/metrics.jsonl", cfg.out_dir, step, log)
@@ -71,13 +68,27 @@ def complete_message(cfg, path, saved_step, last_step):
 
 
 def save(cfg, state, step, steps_per_epoch, identity, device):
-    """Collective: a sharded checkpoint of step `step`, with what resuming needs besides the tensors
-    (once rank 0 has checked that this run still holds out_dir's lock)."""
-    on_rank0(check_lock_held, device, f"check {cfg.out_dir}/.lock", cfg.out_dir)
-    checkpoint.save_checkpoint(cfg.out_dir, step, state.policy, state.optimizer, {
-        "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps,
-        "epoch": step // steps_per_epoch, "pairs_seen": step * cfg.batch_size, "identity": identity},
-        cfg.keep_checkpoints, device)
+    """Collective: a sharded checkpoint of step `step`, with what resuming needs besides the tensors."""
+    save_state(cfg.out_dir, step, state, identity, cfg.keep_checkpoints, device, cfg.out_dir,
+               epoch=step // steps_per_epoch, pairs_seen=step * cfg.batch_size)
+
+
+def save_state(out_dir, step, state, identity, keep, device, locked_dir, **extra):
+    """Collective: state's policy and optimizer as a checkpoint in out_dir/checkpoints/ (DPO's, or the
+    SFT stage's in out_dir/sft/), with its step, loss scale and identity, once rank 0 has checked that
+    this run still holds locked_dir's lock. Returns its path."""
+    on_rank0(check_lock_held, device, f"check {locked_dir}/.lock", locked_dir)
+    return checkpoint.save_checkpoint(out_dir, step, state.policy, state.optimizer, {
+        "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps, "identity": identity,
+        **extra}, keep, device)
+
+
+def load_state(path, state, device) -> int:
+    """Collective: the checkpoint at path, verified (rank 0) and loaded into state; its step."""
+    on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
+    train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
+    state.scaler.scale, state.scaler.good_steps = train_state["loss_scale"], train_state["good_steps"]
+    return train_state["step"]
 
 
 def stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, signum):

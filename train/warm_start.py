@@ -19,6 +19,7 @@ from train.config import run_identity_keys
 from train.distributed import TrainingState, build_training_state
 from train.optim import lr_at
 from train.rank0 import on_rank0
+from train.resume import load_state, save_state
 from train.run_dir import write_atomic
 from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
 
@@ -84,11 +85,9 @@ def resume_sft(sft_dir, recipe, state, device, log) -> int:
         # another recipe's stop (or none readable): gone, so it can never outrank this recipe's saves
         on_rank0(remove_sft_checkpoints, device, f"remove {sft_dir}/checkpoints", sft_dir)
         return 0
-    on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
-    train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
-    state.scaler.scale, state.scaler.good_steps = train_state["loss_scale"], train_state["good_steps"]
-    log(f"SFT warm start resumed from {path} at step {train_state['step']}")
-    return train_state["step"]
+    step = load_state(path, state, device)
+    log(f"SFT warm start resumed from {path} at step {step}")
+    return step
 
 
 def remove_sft_checkpoints(sft_dir):
@@ -98,10 +97,7 @@ def remove_sft_checkpoints(sft_dir):
 
 def stop_sft(sft_dir, step, sft_steps, state, recipe, device, signum):
     """Collective: SIGTERM/SIGINT reached a rank during the SFT stage. Its checkpoint, then the stop."""
-    on_rank0(run_dir.check_lock_held, device, "check the run directory's lock", os.path.dirname(sft_dir))
-    path = checkpoint.save_checkpoint(sft_dir, step, state.policy, state.optimizer, {
-        "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps, "identity": recipe},
-        1, device)
+    path = save_state(sft_dir, step, state, recipe, 1, device, os.path.dirname(sft_dir))
     raise Preempted(signum, f"stopped by {signal.Signals(signum).name} during the SFT warm start after step "
                             f"{step}/{sft_steps}; saved {path}. Run the same command to resume from it.")
 
