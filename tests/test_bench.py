@@ -160,7 +160,7 @@ def test_gpu_check_dry_run_keeps_its_stage_order_time_boxes_and_eight_files(tmp_
     and the output folder holds the four promised files (the lent machine returns at most 8)."""
     import tarfile
     from bench.gpu_check import STAGES
-    out, budget, min_start = tmp_path / "out", 16, 3
+    out, budget, min_start = tmp_path / "out", 11, 3
     start = time.monotonic()
     result = subprocess.run([*GPU_CHECK, str(out), "--device=cpu", f"--budget={budget}", f"--min_start={min_start}",
                              "--commit=abc1234",

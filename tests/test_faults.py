@@ -20,6 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import warm
 from conftest import ROOT
 from data.batches import epoch_order
 from gpt2 import GPT, GPTConfig
@@ -32,13 +33,18 @@ LONG_RUN = ["--max_steps=12", "--ckpt_every=2", "--sharding=none"]
 
 
 def command(out_dir, *extra):
-    return [sys.executable, "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra]
+    """`python fsdp_train.py ...` for tests/warm.py (which starts the interpreter) or, after it, torchrun."""
+    return ["fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra]
 
 
 def run(out_dir, *extra, env=None):
-    """Its own process: for runs that kill themselves, and those compared bitwise with them."""
-    return subprocess.run(command(out_dir, *extra), cwd=ROOT, env=env or ENV, capture_output=True, text=True,
-                          timeout=300)
+    """Its own process (started warm): for runs that kill themselves, and those compared bitwise with them."""
+    return warm.run(command(out_dir, *extra), env=env or ENV, timeout=300)
+
+
+def start(out_dir, *extra):
+    """Its own process (started warm) whose output, stderr merged, is read as it runs."""
+    return warm.popen(command(out_dir, *extra))
 
 
 def run_here(out_dir, *extra):
@@ -75,8 +81,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_mid_training_then_relaunch_finishes_bitwise_equal(uninterrupted, tmp_path):
-    process = subprocess.Popen(command(tmp_path, *LONG_RUN), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = start(tmp_path, *LONG_RUN)
     kill_when_logged(process, r"^step 5/12")
     assert process.returncode == -signal.SIGKILL and not (tmp_path / "final").exists()
     relaunched = run(tmp_path, *LONG_RUN)
@@ -84,6 +89,13 @@ def test_sigkill_mid_training_then_relaunch_finishes_bitwise_equal(uninterrupted
     assert re.search(r"resumed from .*step_0000(04|06|08|10) at step", relaunched.stdout)
     # same losses at every step (no pair seen twice or skipped) and the same final weights, bit for bit
     assert_bitwise_equal(tmp_path, uninterrupted)
+
+
+def torchrun(argv):
+    """torchrun itself, two workers on this machine: for what the agent does (stop the other worker,
+    forward SIGTERM); its relaunches, plain two-rank runs, start warm."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def worker_pid(torchrun_pid):
@@ -100,18 +112,11 @@ def test_killed_rank_of_a_two_rank_run_then_relaunch_finishes_equal(uninterrupte
     again resumes and ends where the uninterrupted run ends: the same loss at every step and the
     same weights, to the 1e-5 at which two ranks equal one process (a pair skipped or seen twice,
     or optimizer state lost, would be far outside it)."""
-    def launch(out_dir):
-        return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "fsdp_train.py", *TINY, f"--out_dir={out_dir}", "--max_steps=12", "--ckpt_every=2"],
-            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    faulty = launch(tmp_path)
+    faulty = torchrun(command(tmp_path, "--max_steps=12", "--ckpt_every=2"))
     kill_when_logged(faulty, r"^step 5/12", target_pid=lambda: worker_pid(faulty.pid))
     assert faulty.returncode != 0 and not (tmp_path / "final").exists()
-    relaunched = launch(tmp_path)
-    output, _ = relaunched.communicate(timeout=300)
-    assert relaunched.returncode == 0, output[-3000:]
+    returncodes, output = warm.wait_ranks(warm.ranks(command(tmp_path, "--max_steps=12", "--ckpt_every=2")))
+    assert returncodes == [0, 0], output[-3000:]
     assert re.search(r"resumed from .*step_0000(04|06|08|10) at step", output)
     assert_same_losses(train_losses(tmp_path), train_losses(uninterrupted), n_steps=12)
     assert_weights_close(final_weights(tmp_path), final_weights(uninterrupted))
@@ -329,13 +334,10 @@ def test_non_finite_loss_on_one_of_two_ranks_stops_both(poisoned_setup):
     """The poisoned pair lands on one rank's slice: both ranks must skip together and stop together
     (a rank stopping alone would leave the other waiting in a collective until a timeout)."""
     tmp_path, args, poisoned_step = poisoned_setup
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "fsdp_train.py",
-         *TINY, f"--out_dir={tmp_path / 'run'}", *[a for a in args if a != "--sharding=none"]],
-        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
-    assert result.returncode != 0
-    assert f"step {poisoned_step}: non-finite loss" in result.stdout
-    assert result.stderr.count(f"stopping at step {poisoned_step}") == 2  # each rank says so, none hangs
+    returncodes, output = warm.wait_ranks(warm.ranks(command(tmp_path / "run", *[a for a in args if a != "--sharding=none"])))
+    assert returncodes == [1, 1], output[-3000:]  # each rank stopped by itself: none was left waiting, to be killed
+    assert f"step {poisoned_step}: non-finite loss" in output
+    assert output.count(f"stopping at step {poisoned_step}") == 2  # each rank says so, none hangs
 
 
 # ----------------------------------------------------------------------------- refused before training
@@ -416,8 +418,7 @@ def test_a_second_launch_on_a_directory_in_use_is_refused_and_a_dead_holder_is_r
     """Two launches on one out_dir: the second exits 2 naming the directory and the running one,
     and changes nothing; once the first is killed (SIGKILL: no clean-up), the next launch reports
     the dead holder and takes the directory over."""
-    first = subprocess.Popen(command(tmp_path, "--max_steps=40", "--sharding=none"), cwd=ROOT, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = start(tmp_path, "--max_steps=40", "--sharding=none")
     seen = []
     for line in first.stdout:
         seen.append(line)
@@ -485,8 +486,7 @@ def test_disk_full_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_p
 
 
 def test_sigterm_saves_the_step_and_the_relaunch_loses_nothing(uninterrupted, tmp_path):
-    process = subprocess.Popen(command(tmp_path, *LONG_RUN), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = start(tmp_path, *LONG_RUN)
     output = signal_when_logged(process, r"^step 5/12", signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
@@ -498,20 +498,13 @@ def test_sigterm_saves_the_step_and_the_relaunch_loses_nothing(uninterrupted, tm
 
 
 def test_sigterm_to_the_torchrun_agent_stops_both_ranks_after_a_save(uninterrupted, tmp_path):
-    def launch(out_dir):
-        return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "fsdp_train.py", *TINY, f"--out_dir={out_dir}", "--max_steps=12", "--ckpt_every=4"],
-            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    agent = launch(tmp_path)
+    agent = torchrun(command(tmp_path, "--max_steps=12", "--ckpt_every=4"))
     output = signal_when_logged(agent, r"^step 5/12", signal.SIGTERM)
     stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", output).group(1))
     assert output.count("stopped by SIGTERM") == 2  # each rank stopped after the same step, none hung
     assert (tmp_path / "checkpoints" / f"step_{stopped_at:06d}").is_dir()
-    relaunched = launch(tmp_path)
-    output, _ = relaunched.communicate(timeout=300)
-    assert relaunched.returncode == 0, output[-3000:]
+    returncodes, output = warm.wait_ranks(warm.ranks(command(tmp_path, "--max_steps=12", "--ckpt_every=4")))
+    assert returncodes == [0, 0], output[-3000:]
     assert f"at step {stopped_at}" in output
     assert_same_losses(train_losses(tmp_path), train_losses(uninterrupted), n_steps=12)
     assert_weights_close(final_weights(tmp_path), final_weights(uninterrupted))
@@ -607,8 +600,7 @@ def test_sigterm_during_the_sft_warm_start_saves_it_and_the_relaunch_resumes_it(
     a checkpoint of the stage, exit 143; the relaunch resumes the stage there and ends with the SFT
     model of a run that was never stopped, bit for bit."""
     sft = ["--sft_steps=24", "--max_steps=1", "--sharding=none", "--n_samples=0", "--kl_samples=0"]
-    process = subprocess.Popen(command(tmp_path / "stopped", *sft), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = start(tmp_path / "stopped", *sft)
     output = signal_when_logged(process, r"^sft step 3/24", signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     stopped_at = int(re.search(r"during the SFT warm start after step (\d+)/24", output).group(1))
@@ -625,8 +617,7 @@ def test_sigterm_during_the_sft_warm_start_saves_it_and_the_relaunch_resumes_it(
 def test_sigterm_during_the_stages_before_training_stops_there(tmp_path):
     """A signal that arrives during the first samples and eval is acted on when they end, before the
     first step (it was acted on after the first step)."""
-    process = subprocess.Popen(command(tmp_path, "--sharding=none", "--n_samples=2", "--eval_every=0"), cwd=ROOT,
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start(tmp_path, "--sharding=none", "--n_samples=2", "--eval_every=0")
     output = signal_when_logged(process, r"^model: ", signal.SIGTERM)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert re.search(r"stopped by SIGTERM after (building the models|the first samples and eval), before training",
@@ -671,8 +662,7 @@ def test_a_kill_after_the_last_checkpoint_never_leaves_a_partial_export(tmp_path
     weights, and AutoTokenizer then encoded text to []), and the relaunch makes it again from the last
     checkpoint without training, once, then calls the run complete."""
     from transformers import AutoTokenizer
-    process = subprocess.Popen(command(tmp_path, "--sharding=none", "--ckpt_every=2"), cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start(tmp_path, "--sharding=none", "--ckpt_every=2")
     kill_when_logged(process, r"^exporting ")
     final = tmp_path / "final"
     assert not final.exists() or json.loads((final / "export.json").read_text())["step"] == 4
@@ -703,8 +693,7 @@ def test_a_kill_after_the_last_checkpoint_never_leaves_a_partial_export(tmp_path
 def test_deleting_the_lock_file_does_not_admit_a_second_writer(tmp_path):
     """rm out_dir/.lock while a run is live, then the same command again: refused (it took a new lock
     and both wrote steps 10-40 into metrics.jsonl). The directory itself is locked too."""
-    process = subprocess.Popen(command(tmp_path, "--sharding=none", "--max_steps=2000"), cwd=ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = start(tmp_path, "--sharding=none", "--max_steps=2000")
     try:
         for line in process.stdout:
             if line.startswith("step 2/"):

@@ -13,6 +13,7 @@ import yaml
 
 import frontier
 import generate_pairs
+import warm
 from conftest import ROOT
 from errors import exit_code_of
 from gpt2 import GPT, GPTConfig
@@ -64,9 +65,8 @@ def test_sigterm_ends_the_frontier_with_one_line_and_143(tmp_path):
     config = demo_config(sft={"dataset": "demo", "lr": 3e-3, "max_steps": 400, "epochs": 100})
     config["trainer"] |= {"device": "cpu", "log_every": 1, "n_samples": 0, "kl_samples": 0}
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "frontier.py", f"--config_file={tmp_path / 'frontier.yaml'}",
-                                f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = warm.popen(["frontier.py", f"--config_file={tmp_path / 'frontier.yaml'}", f"--out_dir={tmp_path / 'out'}"],
+                         merge_stderr=False)
     for line in process.stdout:
         if line.startswith("step 3/"):
             process.send_signal(signal.SIGTERM)

@@ -3,14 +3,14 @@ FSDP, one batch without accumulation, an uninterrupted run, transformers on the 
 
 Runs of one process go through fsdp_train.run() in this process (a one-process gloo group, made
 and destroyed by each run): the same code as `python fsdp_train.py`, without a second torch import.
-torchrun launches, kills and environment-dependent runs keep their own processes."""
+Runs of two ranks are two processes started warm (tests/warm.py); a run that reads its environment
+at import (TORCH_LOGS) is a fresh `python fsdp_train.py`."""
 import contextlib
 import io
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import traceback
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
+import warm
 from conftest import ROOT
 from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
 from data.formats import make_demo_groups
@@ -33,12 +34,6 @@ TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--n_
         "--max_steps=4", "--lr=1e-3", "--precision=fp32", "--device=cpu", "--log_every=1", "--eval_every=0",
         "--n_samples=2", "--kl_samples=2", "--max_new_tokens=4", "--seed=0"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -77,16 +72,12 @@ def run_subprocess(out_dir, *extra, env=None):
     return result
 
 
-def torchrun(nproc, out_dir, *extra, nnodes=1, node_rank=0, port=None):
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-               f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port or free_port()}",
-               "fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra]
-    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait(process):
-    output, _ = process.communicate(timeout=300)
-    assert process.returncode == 0, output[-4000:]
+def run_ranks(out_dir, *extra, nnodes=1, nproc_per_node=2):
+    """A multi-process run: its ranks launched as torchrun launches its workers, each started warm
+    (tests/warm.py); torchrun itself is tested in tests/test_faults.py."""
+    returncodes, output = warm.wait_ranks(warm.ranks(["fsdp_train.py", *TINY, f"--out_dir={out_dir}", *extra],
+                                                     nnodes=nnodes, nproc_per_node=nproc_per_node))
+    assert returncodes == [0] * (nnodes * nproc_per_node), output[-4000:]
     return output
 
 
@@ -126,17 +117,14 @@ def single(tmp_path_factory):
 
 
 def test_fsdp_two_ranks_equal_one_process_without_fsdp(single, tmp_path):
-    wait(torchrun(2, tmp_path))
+    run_ranks(tmp_path)
     assert_same_losses(train_losses(tmp_path), train_losses(single))
     assert_weights_close(final_weights(tmp_path), final_weights(single))
 
 
 def test_two_nodes_hybrid_sharding_equal_one_node(single, tmp_path):
-    """Two torchrun launches as two "nodes" on 127.0.0.1, HSDP over a (2 nodes x 1) mesh."""
-    port = free_port()
-    nodes = [torchrun(1, tmp_path, "--sharding=hybrid", nnodes=2, node_rank=r, port=port) for r in (0, 1)]
-    for node in nodes:
-        wait(node)
+    """Two "nodes" of one rank each on 127.0.0.1, HSDP over a (2 nodes x 1) mesh."""
+    run_ranks(tmp_path, "--sharding=hybrid", nnodes=2, nproc_per_node=1)
     assert_same_losses(train_losses(tmp_path), train_losses(single))
     assert_weights_close(final_weights(tmp_path), final_weights(single))
 
@@ -186,7 +174,7 @@ def test_mixed_precision_two_ranks_equal_one_process_in_the_same_precision(singl
     held; and visibly not the fp32 run (a mixed precision policy that silently did nothing would
     pass the first check, not this one)."""
     run_python(tmp_path / "one", "--sharding=full", f"--precision={precision}")
-    wait(torchrun(2, tmp_path / "two", "--sharding=full", f"--precision={precision}"))
+    run_ranks(tmp_path / "two", "--sharding=full", f"--precision={precision}")
     one, two, fp32 = train_losses(tmp_path / "one"), train_losses(tmp_path / "two"), train_losses(single)
     assert_same_losses(two, one, rel=MIXED_PRECISION_REL)
     # measured against fp32 (the LM head runs in fp32 on the scored rows): bf16 1.2e-4, fp16 1.4e-5;

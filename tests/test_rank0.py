@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from test_fsdp_train import free_port
+from warm import free_port
 
 pytestmark = pytest.mark.slow
 
