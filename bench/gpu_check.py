@@ -100,7 +100,7 @@ def throughput(args, work, sizes_list, timeout, *extra):
 
 
 def gpu_tests(work, selection):
-    return [python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-k", selection,
+    return [python(), "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "tests/test_gpu.py", "-k", selection,
             f"--junitxml={work}/junit.xml"]
 
 

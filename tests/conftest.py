@@ -1,4 +1,7 @@
+import fcntl
+import gc
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,7 +13,35 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (the default: pyproject's addopts) each of the two workers computes on one thread;
+# run alone (-n 0), this process takes both of a 2-core machine's cores.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: two workers at most. More would each hold torch and transformers, and the tests that
+    start two ranks already use two cores."""
+    return min(2, os.cpu_count() or 1)
+
+
+def made_once(tmp_path_factory, name, make):
+    """A directory `make(directory)` fills once per test session: in this process, or under
+    pytest-xdist by the first worker that needs it, while any other waits on a lock and then reads it."""
+    if not XDIST_WORKER:
+        directory = tmp_path_factory.mktemp(name)
+        make(directory)
+        return directory
+    session_dir = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own
+    directory = session_dir / name
+    with open(session_dir / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (session_dir / f"{name}.made").exists():  # a worker whose make() failed left none
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            (session_dir / f"{name}.made").touch()
+    return directory
 
 
 @pytest.fixture
@@ -26,3 +57,17 @@ def one_process_group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that read the demo's run first: it is the suite's longest piece of work (50 s on one
+    thread), and started first it overlaps everything else instead of ending the session alone."""
+    items.sort(key=lambda item: "demo_run" not in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session):
+    """Everything imported so far (torch, transformers, the project: millions of objects) is moved out
+    of the garbage collector's reach: each training run ends with a full gc.collect() (to join its
+    process group's threads), which otherwise walks all of it, 0.2 s a run here."""
+    gc.collect()
+    gc.freeze()

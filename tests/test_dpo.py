@@ -261,7 +261,6 @@ def test_preference_loss_keeps_fp64():
 
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from data.batches import PairBatch  # noqa: E402
 from dpo import concatenated_logps, response_logps, token_logps  # noqa: E402
 from gpt2 import GPT  # noqa: E402
 

@@ -22,17 +22,18 @@ from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel
 
 import warm
-from conftest import ROOT
+from conftest import ROOT, made_once
 from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
 from data.formats import make_demo_groups
 import fsdp_train
 
 pytestmark = pytest.mark.slow
 
+EVAL_FRACTION = 0.05  # 6 of the demo's 128 prompts, 24 pairs: the two evals of a run are most of its compute
 TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--n_positions=64", "--dataset=demo",
-        "--max_prompt_len=16", "--max_len=32", "--eval_fraction=0.1", "--batch_size=8", "--micro_batch_size=4",
-        "--max_steps=4", "--lr=1e-3", "--precision=fp32", "--device=cpu", "--log_every=1", "--eval_every=0",
-        "--n_samples=2", "--kl_samples=2", "--max_new_tokens=4", "--seed=0"]
+        "--max_prompt_len=16", "--max_len=32", f"--eval_fraction={EVAL_FRACTION}", "--batch_size=8",
+        "--micro_batch_size=4", "--max_steps=4", "--lr=1e-3", "--precision=fp32", "--device=cpu", "--log_every=1",
+        "--eval_every=0", "--n_samples=2", "--kl_samples=2", "--max_new_tokens=4", "--seed=0"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -284,7 +285,7 @@ def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
     for group in groups:  # the demo's responses end with <|endoftext|>, which is scored
         group.responses = [response + [50256] for response in group.responses]
     groups, _ = truncate_groups(groups, max_prompt_len=16, max_len=32)
-    _, eval_groups = split_groups(groups, 0.1, seed=0)
+    _, eval_groups = split_groups(groups, EVAL_FRACTION, seed=0)
     batch = collate_pairs(pairs_of(eval_groups))
     with torch.no_grad():
         logits = model.eval()(batch.input_ids).logits.double()
@@ -297,20 +298,24 @@ def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
     assert (single / "samples.md").read_text().startswith("| Prompt | Before training")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README's demo, its first half (24 of its 48 DPO steps), after its full SFT warm start."""
-    out_dir = tmp_path_factory.mktemp("demo")
-    result = run_in_process([f"--config_file={ROOT / 'config' / 'demo.yaml'}", f"--out_dir={out_dir}", "--device=cpu",
-                             "--ckpt_every=0", "--epochs=2"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out_dir, result
+    """The README's demo, its first half (24 of its 48 DPO steps), after its full SFT warm start: one
+    run for every test that reads it (made_once: one for both workers). Returns (out_dir, its output)."""
+    def demo(out_dir):
+        result = run_in_process([f"--config_file={ROOT / 'config' / 'demo.yaml'}", f"--out_dir={out_dir}",
+                                 "--device=cpu", "--ckpt_every=0", "--epochs=2"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        (out_dir / "stdout.txt").write_text(result.stdout)
+
+    out_dir = made_once(tmp_path_factory, "demo", demo)
+    return out_dir, (out_dir / "stdout.txt").read_text()
 
 
 def test_demo_config_learns(demo_run):
     """The README's demo: held-out reward accuracy starts at 0 (all rewards are 0 at step 0, so no
     pair is ranked right) and must end well above chance; the ground-truth reward of samples rises."""
-    tmp_path, result = demo_run
+    tmp_path, stdout = demo_run
     with open(tmp_path / "metrics.jsonl") as f:
         evals = [json.loads(line) for line in f if "eval/rewards/accuracies" in line]
     assert evals[0]["step"] == 0 and evals[0]["eval/rewards/accuracies"] == 0.0
@@ -319,7 +324,7 @@ def test_demo_config_learns(demo_run):
     # the SFT warm start is the reference: KL 0 at step 0; VADER's reward of held-out samples rises
     assert evals[0]["eval/kl"] == 0.0 and evals[-1]["eval/kl"] > 0.1
     assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.2, (evals[0], evals[-1])
-    assert "final eval" in result.stdout and "| Prompt |" in result.stdout and "**mean reward**" in result.stdout
+    assert "final eval" in stdout and "| Prompt |" in stdout and "**mean reward**" in stdout
     assert (tmp_path / "final" / "model.safetensors").exists()
 
 
