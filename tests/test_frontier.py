@@ -4,8 +4,6 @@ hanging, and SIGTERM ends the frontier with one line and 143. (The frontier end 
 tests/test_fsdp_train.py::test_frontier_command_on_the_demos_sft_model; the pipeline's counts and
 ordering tests/test_reward.py.)"""
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +15,6 @@ import warm
 from conftest import ROOT
 from errors import exit_code_of
 from gpt2 import GPT, GPTConfig
-from test_fsdp_train import ENV
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +47,13 @@ def test_a_bad_frontier_config_is_refused_before_any_stage(tmp_path, capsys, cha
 
 def test_a_multi_process_launch_of_the_frontier_is_refused_on_every_rank(tmp_path):
     """torchrun --nproc_per_node 2 frontier.py hung for good (both ranks made the same pairs, then the
-    next stage's process group never formed): now each rank says how to run it, and all exit."""
+    next stage's process group never formed): now each rank says how to run it, and all exit. The two
+    ranks are started as torchrun starts its workers (tests/warm.py)."""
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "frontier.py", "--config_file=config/frontier_demo.yaml", f"--out_dir={tmp_path}"],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
-    assert result.returncode != 0 and time.monotonic() - start < 120
-    # each rank refuses before any work; torchrun stops the other once the first has exited, so one or both say it
-    assert (result.stdout + result.stderr).count("launch it with python, not torchrun") >= 1
+    returncodes, output = warm.wait_ranks(warm.ranks(["frontier.py", "--config_file=config/frontier_demo.yaml",
+                                                      f"--out_dir={tmp_path}"]), timeout=180)
+    assert returncodes == [2, 2] and time.monotonic() - start < 120, output[-3000:]
+    assert output.count("launch it with python, not torchrun") == 2  # each rank refuses before any work
     assert not (tmp_path / "sft").exists() and not (tmp_path / "pairs.jsonl").exists()
 
 
