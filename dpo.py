@@ -88,7 +88,7 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
     average=True divides by the number of response tokens. attention_mask: None for right-padded
     batches (plain causal attention is exact there). Builds its index tensors from the mask, which
     syncs with the host: the trainer's batches bring theirs from collate (concatenated_logps,
-    sft_loss) and samples use span_logps.
+    sft_loss) and samples use span_kl.
     """
     if response_mask[:, 0].any():
         raise ValueError("a response token at position 0 has no prefix to be predicted from; "
@@ -102,18 +102,40 @@ def response_logps(model, input_ids, response_mask, attention_mask=None, average
     return logps
 
 
-def span_logps(model, input_ids, start, attention_mask, token_mask):
-    """(B,) summed log-probs of the tokens at columns start..T-1 where token_mask is True: the
-    continuations sampled after left-padded prompts that end at column start - 1 (evaluation's KL
-    estimate). The index tensors are arithmetic on the device: no host sync."""
+@torch.no_grad()
+def span_kl(policy, reference, input_ids, start, attention_mask, token_mask):
+    """Of continuations sampled from `policy` at columns start..T-1 after left-padded prompts that end
+    at column start - 1, counting the positions where token_mask is True (up to and including each
+    one's first <|endoftext|>; none of the padding after it), per row (B,) fp32:
+
+      kl         the sum over the continuation's positions of the full KL(policy || reference) of the
+                 two next-token distributions, sum_v p(v) (log p(v) - log q(v)): the DPO paper's
+                 sequence-level KL (its footnote 3, "the sum of the per-timestep KL-divergences");
+      log_ratio  log policy(y|x) - log reference(y|x) of the sampled tokens y: the one-sample estimate,
+                 with the same expectation over samples and far more variance (it can be negative).
+
+    Rows go through both models about LOGSUMEXP_CHUNK positions at a time, so no (B * span, V) fp32
+    tensor is made for long samples. Collective under FSDP (each chunk is a forward of both models):
+    every rank passes the same B and T. Index tensors are arithmetic on the device: no host sync."""
     B, T = input_ids.shape
-    span = T - start
-    rows = torch.arange(B, device=input_ids.device)
-    predictor_index = (rows[:, None] * T + torch.arange(start - 1, T - 1, device=input_ids.device)).flatten()
-    logps, _ = scored_token_sums(model, input_ids, predictor_index, input_ids[:, start:].flatten(),
-                                 rows.repeat_interleave(span), B, token_weight=token_mask[:, start:].flatten().float(),
-                                 **padded_model_inputs(attention_mask))
-    return logps
+    span, device = T - start, input_ids.device
+    kl, log_ratio = [], []
+    for rows in torch.arange(B, device=device).split(max(1, LOGSUMEXP_CHUNK // span)):
+        ids, n = input_ids[rows], len(rows)
+        predictor_index = (torch.arange(n, device=device)[:, None] * T
+                           + torch.arange(start - 1, T - 1, device=device)).flatten()  # (n * span,)
+        model_inputs = padded_model_inputs(attention_mask[rows])
+        log_p = policy(ids, logits_at=predictor_index, **model_inputs).float().log_softmax(-1)  # (n * span, V)
+        log_q = reference(ids, logits_at=predictor_index, **model_inputs).float().log_softmax(-1)
+        targets = ids[:, start:].reshape(-1, 1)
+        sampled = (log_p.gather(-1, targets) - log_q.gather(-1, targets)).view(n, span)
+        per_vocab = (log_p - log_q).mul_(log_p.exp())  # p(v) (log p(v) - log q(v)), (n * span, V)
+        # >= 0 in exact arithmetic; the clamp removes float rounding (-1e-9) where p and q nearly agree
+        per_position = per_vocab.sum(-1).clamp_(min=0).view(n, span)
+        weight = token_mask[rows, start:].float()
+        kl.append((per_position * weight).sum(-1))
+        log_ratio.append((sampled * weight).sum(-1))
+    return torch.cat(kl), torch.cat(log_ratio)
 
 
 def padded_model_inputs(attention_mask):

@@ -337,7 +337,7 @@ def test_the_step_hands_the_model_index_tensors_built_in_collate(hf_and_ours, mo
     path (packed, unpacked, SFT, the KL's sampled span) gives the model long index tensors, and the
     training paths give it exactly the ones collate built."""
     from data.batches import Pair, collate_pairs, collate_pairs_shared_prompt
-    from dpo import sft_loss, span_logps
+    from dpo import sft_loss, span_kl
     _, ours = hf_and_ours
     seen = []
     forward = type(ours).forward
@@ -354,7 +354,7 @@ def test_the_step_hands_the_model_index_tensors_built_in_collate(hf_and_ours, mo
         concatenated_logps(ours, packed)
         sft_loss(ours, unpacked)
         tokens = torch.randint(0, 50257, (2, 6))
-        span_logps(ours, tokens, 3, torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool))
+        span_kl(ours, ours, tokens, 3, torch.ones(2, 6, dtype=torch.bool), torch.ones(2, 6, dtype=torch.bool))
     assert all(index.dtype == torch.long for index in seen)
     assert seen[0] is unpacked.predictor_index and seen[1] is packed.predictor_index
     assert seen[2].data_ptr() == unpacked.predictor_index.data_ptr()  # a view of it: the chosen rows' first

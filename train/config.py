@@ -125,7 +125,8 @@ class TrainConfig:
     # --- evaluation, samples, logging, checkpoints
     eval_every: int = option(100, "evaluate on the held-out pairs every N steps (and at the end; 0 = end only)")
     kl_samples: int = option(16, "samples (temperature 1) from the held-out prompts, each prompt in turn, at each "
-                             "eval: eval/kl, KL(policy || reference) (needs a live reference model), and eval/reward")
+                             "eval: eval/kl, the sequence-level KL(policy || reference) summed over positions "
+                             "(needs a live reference model), and eval/reward")
     n_samples: int = option(8, "held-out prompts in the before/after sample table (samples.md)")
     reward: str = option("", "ground-truth reward of samples, logged as eval/reward and shown in samples.md: "
                          + SPEC_HELP + ", or '' for none")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
-from dpo import PairLogps, concatenated_logps, dpo_loss, span_logps
+from dpo import PairLogps, concatenated_logps, dpo_loss, span_kl
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
 from train.checkpoint import file_fingerprint
@@ -98,18 +98,22 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
 
 def sampled_metrics(policy, reference, prompts, cfg, device):
     """The paper's two axes (DPO Fig. 2), from one sample per prompt row drawn from the policy itself
-    (temperature 1, max_new_tokens long): kl, the sequence-level KL(policy || reference) =
-    E_{y ~ policy}[log policy(y|x) - log reference(y|x)] (needs a live reference), and reward, the
-    mean ground-truth reward of the same samples (with cfg.reward). Every eval draws with the same
-    seed (common random numbers): what changes between two evals is the policy, not the sampler's
-    luck, so a run's curve is far smoother than its per-eval standard error suggests."""
+    (temperature 1, max_new_tokens long), with a live reference:
+      kl             the sequence-level KL(policy || reference) as the paper plots it (its footnote 3):
+                     at each position of a sample, the full KL between the two next-token
+                     distributions, summed along the sample (to its first <|endoftext|>), averaged
+                     over the samples. Never negative.
+      kl_one_sample  the mean of log policy(y|x) - log reference(y|x) over the same samples: the same
+                     KL in expectation, estimated from the sampled tokens alone (far noisier).
+    and with cfg.reward, reward: the mean ground-truth reward of the same samples. Every eval draws
+    with the same seed (common random numbers): what changes between two evals is the policy, not
+    the sampler's luck, so a run's curve is far smoother than its per-eval standard error suggests."""
     tokens, attention_mask, response_mask = sample(policy, prompts, cfg, device, seed=cfg.seed, temperature=1.0)
     metrics = {}
     if reference is not None:
         start = tokens.size(1) - cfg.max_new_tokens  # every prompt ends at column start - 1 (left-padded)
-        log_ratio = (span_logps(policy, tokens, start, attention_mask, response_mask)
-                     - span_logps(reference, tokens, start, attention_mask, response_mask))
-        metrics["kl"] = log_ratio.mean()
+        kl, log_ratio = span_kl(policy, reference, tokens, start, attention_mask, response_mask)
+        metrics["kl"], metrics["kl_one_sample"] = kl.mean(), log_ratio.mean()
     if cfg.reward:
         rewards = reward_of(cfg, prompts, continuations_of(tokens, response_mask), device)
         metrics["reward"] = torch.tensor(sum(rewards) / len(rewards), device=device)
