@@ -2,24 +2,32 @@
 
     python frontier.py --config_file config/frontier_demo.yaml
 
-Stages, each a directory under out_dir (a relaunch skips the stages whose result is there):
+Stages, each a directory or file under out_dir; a relaunch goes on from what is done:
   1. sft/          SFT of init_from on every response of the SFT data (the prompt set's language),
                    or none when init_from is already an SFT model (sft: null)
   2. pairs.jsonl   k completions per prompt sampled from the SFT model and ranked by the ground-truth
-                   reward: all k(k-1)/2 pairs with distinct scores (generate_pairs.py)
-  3. dpo_beta_*/   DPO from the SFT model on those pairs, one run per β
-     preferred_ft/ the paper's preferred-FT baseline: SFT on each prompt's best completion
+                   reward: all k(k-1)/2 pairs with distinct scores (generate_pairs.py); pairs.json
+                   records what made them, and a relaunch whose inputs differ is refused
+  3. per seed:     dpo_beta_*_seed_*/          DPO from the SFT model on those pairs, one run per β
+                   unlikelihood_alpha_*_seed_*/ the paper's unlikelihood baseline, one run per α
+                   preferred_ft_seed_*/         the paper's preferred-FT baseline: SFT on each prompt's
+                                                best completion
   4. frontier.json and frontier.png: each run's held-out reward (eval/reward) against its sequence-
-     level KL(π || π_ref) (eval/kl), every eval_every steps, on the same held-out prompts (every
-     run splits the same prompts with the same seed), with the SFT model's reward as the reference.
+     level KL(π || π_ref) (eval/kl, the sum of per-position KLs), every eval_every steps, on held-out
+     prompts split by the run's seed; each method's mean over seeds with the standard error across
+     seeds; the SFT model's reward as the reference; and how many points of the other methods a
+     DPO point dominates (at least their reward at no more KL).
 
 Every run is fsdp_train.py in this process, with the config's `trainer` options plus its stage's;
-its own out_dir holds its metrics.jsonl, samples.md and final/ as usual.
+its own out_dir holds its metrics.jsonl, samples.md and final/ as usual, and a relaunch resumes it
+(or refuses, if its options or data changed: the trainer's run identity). One frontier per out_dir.
 """
 import argparse
 import dataclasses
+import hashlib
 import inspect
 import json
+import math
 import os
 import signal
 import sys
@@ -30,10 +38,10 @@ import fsdp_train
 from generate_pairs import check_generation_options, generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
 from train.config import parse_args, read_yaml, shortened
-from train.distributed import resolve_device
+from train.distributed import resolve_device, weights_fingerprint
 from train.preemption import StopRequests
 from train.reward import fetch_reward, load_reward
-from train.run_dir import final_dir, read_metrics, write_atomic
+from train.run_dir import final_dir, held_run_dirs, lock_run_dir, read_metrics, unlock_run_dirs, write_atomic
 
 
 @dataclasses.dataclass
@@ -46,12 +54,16 @@ class FrontierConfig:
     dpo: dict               # options of every DPO run
     betas: list             # one DPO run per β (the paper: 0.05, 0.1, 1, 5)
     preferred_ft: dict | None  # options of the preferred-FT run, or None for no baseline
+    unlikelihood: dict | None  # options of every unlikelihood run, or None for no such baseline
+    alphas: list            # one unlikelihood run per α (the paper: 0.05, 0.1, 0.5, 1)
+    seeds: list             # every run above once per seed (the trainer's seed: split, order, samples)
 
 
 def read_config(path) -> FrontierConfig:
     raw = read_yaml(path)
     fields = {f.name for f in dataclasses.fields(FrontierConfig)}
-    defaults = {"sft": None, "preferred_ft": None, "betas": [0.05, 0.1, 1.0, 5.0], "generation": {}, "dpo": {}}
+    defaults = {"sft": None, "preferred_ft": None, "betas": [0.05, 0.1, 1.0, 5.0], "generation": {}, "dpo": {},
+                "unlikelihood": None, "alphas": [0.05, 0.1, 0.5, 1.0], "seeds": [0]}
     if not isinstance(raw, dict) or set(raw) - fields or fields - set(raw) - set(defaults):
         raise ConfigError(f"{path}: expected the keys {sorted(fields)} ({sorted(defaults)} optional)")
     cfg = FrontierConfig(**(defaults | raw))
@@ -62,9 +74,9 @@ def read_config(path) -> FrontierConfig:
 def check_frontier_config(cfg: FrontierConfig, path):
     """Everything a stage would refuse later, refused now in one line naming the file: the sections'
     types, the generation options, the β list, every run's trainer options, the prompts, the reward."""
-    for name in ("trainer", "generation", "dpo", "sft", "preferred_ft"):
+    for name in ("trainer", "generation", "dpo", "sft", "preferred_ft", "unlikelihood"):
         value = getattr(cfg, name)
-        if not isinstance(value, dict) and not (value is None and name in ("sft", "preferred_ft")):
+        if not isinstance(value, dict) and not (value is None and name in ("sft", "preferred_ft", "unlikelihood")):
             raise ConfigError(f"{path}: {name} must be a mapping of options, got {type(value).__name__}")
     if not isinstance(cfg.out_dir, str) or not cfg.out_dir:
         raise ConfigError(f"{path}: out_dir must name a directory")
@@ -79,12 +91,16 @@ def check_frontier_config(cfg: FrontierConfig, path):
         check_generation_options(**cfg.generation)
     except InputError as err:
         raise ConfigError(f"{path}: generation: {err}") from None
-    if not (isinstance(cfg.betas, list) and cfg.betas and all(
-            type(b) in (int, float) and 0 < b < float("inf") for b in cfg.betas)):
-        raise ConfigError(f"{path}: betas must be a list of numbers > 0, got {shortened(cfg.betas)}")
+    for name in ("betas", "alphas"):
+        values = getattr(cfg, name)
+        if not (isinstance(values, list) and values and all(
+                type(v) in (int, float) and 0 < v < float("inf") for v in values)):
+            raise ConfigError(f"{path}: {name} must be a list of numbers > 0, got {shortened(values)}")
+    if not (isinstance(cfg.seeds, list) and cfg.seeds and len(set(cfg.seeds)) == len(cfg.seeds)
+            and all(type(seed) is int and seed >= 0 for seed in cfg.seeds)):
+        raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0, got {shortened(cfg.seeds)}")
     stages = [{"objective": "sft", "sft_on": "all"} | (cfg.sft or {})]
-    stages += [{"objective": "dpo", "beta": beta} | cfg.dpo for beta in cfg.betas]
-    stages += [{"objective": "sft"} | cfg.preferred_ft] if cfg.preferred_ft is not None else []
+    stages += [run["options"] for run in planned_runs(cfg, "pairs.jsonl", "best.jsonl")]
     for options in stages:  # the trainer's own checks, with the demo set standing in for pairs not made yet
         parse_args(as_argv(cfg.trainer | options | {"dataset": "demo", "out_dir": cfg.out_dir}))
     prompt_texts(cfg)
@@ -134,33 +150,86 @@ def prompt_texts(cfg) -> list[str]:
 
 
 def pairs_stage(cfg, sft_model, log):
-    pairs_path, best_path = (os.path.join(cfg.out_dir, name) for name in ("pairs.jsonl", "best.jsonl"))
-    if os.path.exists(pairs_path) and os.path.exists(best_path):
-        log(f"== pairs: reusing {pairs_path}")
-        return pairs_path, best_path
+    """pairs.jsonl and best.jsonl, sampled from the SFT model and ranked by the reward, with pairs.json
+    recording what made them (the SFT weights, the prompts, the generation options, the reward). A
+    relaunch reuses them only when that record matches, and otherwise refuses, naming what changed:
+    every run after this stage was trained on them."""
+    paths = {name: os.path.join(cfg.out_dir, name) for name in ("pairs.jsonl", "best.jsonl", "pairs.json")}
     device = resolve_device("cpu" if cfg.trainer.get("device") == "cpu" else "auto")
     model = GPT.from_pretrained(sft_model, device=device).eval()
     prompts = prompt_texts(cfg)
-    log(f"== pairs: {cfg.generation.get('k', 4)} samples for each of {len(prompts)} prompts from {sft_model}")
+    made_from = {"sft_weights_sha256": weights_fingerprint(model.state_dict()),
+                 "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+                 "generation": generation_options(cfg), "reward": cfg.trainer["reward"]}
+    if os.path.exists(paths["pairs.jsonl"]):
+        check_made_from(paths, made_from)
+        log(f"== pairs: reusing {paths['pairs.jsonl']} (made from the same inputs)")
+        return paths["pairs.jsonl"], paths["best.jsonl"]
+    log(f"== pairs: {made_from['generation']['k']} samples for each of {len(prompts)} prompts from {sft_model}")
     records, counts, best = generate_pairs(model, prompts, load_reward(cfg.trainer["reward"], device=str(device)),
-                                           device=device, **cfg.generation)
-    write_jsonl(best_path, best)
-    write_jsonl(pairs_path, records)  # last: its presence means both are complete
-    log(f"wrote {pairs_path}: {json.dumps(counts)}")
-    return pairs_path, best_path
+                                           device=device, **made_from["generation"])
+    write_atomic(paths["pairs.json"], json.dumps(made_from, indent=1))
+    write_jsonl(paths["best.jsonl"], best)
+    write_jsonl(paths["pairs.jsonl"], records)  # last: its presence means the stage is complete
+    log(f"wrote {paths['pairs.jsonl']}: {json.dumps(counts)}")
+    return paths["pairs.jsonl"], paths["best.jsonl"]
+
+
+def generation_options(cfg) -> dict:
+    """The generation options in full: the config's over generate_pairs' defaults."""
+    defaults = {name: parameter.default for name, parameter in
+                inspect.signature(check_generation_options).parameters.items()}
+    return defaults | cfg.generation
+
+
+def check_made_from(paths, made_from):
+    try:
+        with open(paths["pairs.json"], encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{paths['pairs.jsonl']} is there without a readable record of what made it "
+                          f"({paths['pairs.json']}: {err}); use another out_dir, or delete it and the runs "
+                          "trained on it") from None
+    if recorded != made_from:
+        changed = [key for key in made_from if recorded.get(key) != made_from[key]]
+        if "generation" in changed:
+            changed[changed.index("generation")] = ", ".join(
+                f"generation.{key}: {recorded.get('generation', {}).get(key)!r} -> {value!r}"
+                for key, value in made_from["generation"].items() if recorded.get("generation", {}).get(key) != value)
+        raise ConfigError(f"{paths['pairs.jsonl']} was made from other inputs ({'; '.join(changed)}): every run "
+                          "in this out_dir was trained on it. Use another out_dir, or delete pairs.jsonl, "
+                          "best.jsonl and the runs to make them again")
+
+
+def planned_runs(cfg, pairs_path, best_path) -> list[dict]:
+    """Every training run of the frontier, per seed: DPO at each β and unlikelihood at each α on the
+    pairs, preferred-FT on each prompt's best sample. Each: method, beta, alpha, seed, name, options."""
+    runs = []
+    for seed in cfg.seeds:
+        data = {"dataset": "jsonl", "seed": seed}
+        for beta in cfg.betas:
+            runs.append({"method": "dpo", "beta": beta, "alpha": None, "seed": seed, "name": f"dpo_beta_{beta:g}",
+                         "options": data | {"data_path": pairs_path, "objective": "dpo", "beta": beta} | cfg.dpo})
+        for alpha in cfg.alphas if cfg.unlikelihood is not None else []:
+            runs.append({"method": "unlikelihood", "beta": None, "alpha": alpha, "seed": seed,
+                         "name": f"unlikelihood_alpha_{alpha:g}",
+                         "options": data | {"data_path": pairs_path, "objective": "unlikelihood",
+                                            "unlikelihood_alpha": alpha} | cfg.unlikelihood})
+        if cfg.preferred_ft is not None:
+            runs.append({"method": "preferred_ft", "beta": None, "alpha": None, "seed": seed, "name": "preferred_ft",
+                         "options": data | {"data_path": best_path, "objective": "sft"} | cfg.preferred_ft})
+    for run in runs:
+        run["name"] += f"_seed_{run['seed']}"
+    return runs
 
 
 def runs_stage(cfg, sft_model, pairs_path, best_path, log) -> list[dict]:
-    """Each run's (method, beta, out_dir); the runs are trained on the way."""
-    data = {"init_from": sft_model, "dataset": "jsonl"}
+    """Each run's method, beta, alpha, seed and out_dir; the runs are trained on the way."""
     runs = []
-    for beta in cfg.betas:
-        name = f"dpo_beta_{beta:g}"
-        train(cfg, name, data | {"data_path": pairs_path, "objective": "dpo", "beta": beta} | cfg.dpo, log)
-        runs.append({"method": "dpo", "beta": beta, "dir": os.path.join(cfg.out_dir, name)})
-    if cfg.preferred_ft is not None:
-        train(cfg, "preferred_ft", data | {"data_path": best_path, "objective": "sft"} | cfg.preferred_ft, log)
-        runs.append({"method": "preferred_ft", "beta": None, "dir": os.path.join(cfg.out_dir, "preferred_ft")})
+    for run in planned_runs(cfg, pairs_path, best_path):
+        train(cfg, run["name"], {"init_from": sft_model} | run["options"], log)
+        runs.append({key: run[key] for key in ("method", "beta", "alpha", "seed")}
+                    | {"dir": os.path.join(cfg.out_dir, run["name"])})
     return runs
 
 
@@ -176,18 +245,61 @@ def eval_points(run_dir) -> list[dict]:
 
 
 def frontier(runs) -> dict:
-    """The JSON of Figure 2. The reference's reward is a step-0 eval (policy = reference, kl 0)."""
-    result = {"reference": None, "runs": []}
+    """The JSON of Figure 2: every run's points; each series (method and β or α) as the mean over its
+    seeds at each eval step, with the standard error across seeds; the reference's reward (a step-0
+    eval, policy = reference, kl 0) per seed and its mean; and the dominance count."""
+    result = {"reference": {"per_seed": {}}, "runs": [], "series": []}
     for run in runs:
         points = eval_points(run["dir"])
-        if points[0]["step"] == 0 and result["reference"] is None:
-            result["reference"] = {"reward": points[0]["reward"]}
-        result["runs"].append({"method": run["method"], "beta": run["beta"], "points": points})
+        if points[0]["step"] == 0:
+            result["reference"]["per_seed"].setdefault(str(run["seed"]), points[0]["reward"])
+        result["runs"].append({key: run[key] for key in ("method", "beta", "alpha", "seed")} | {"points": points})
+    per_seed = list(result["reference"]["per_seed"].values())
+    result["reference"]["reward"] = sum(per_seed) / len(per_seed) if per_seed else None
+    for key in dict.fromkeys((r["method"], r["beta"], r["alpha"]) for r in result["runs"]):
+        members = [r for r in result["runs"] if (r["method"], r["beta"], r["alpha"]) == key]
+        result["series"].append(dict(zip(("method", "beta", "alpha"), key))
+                                | {"seeds": [r["seed"] for r in members], "points": mean_points(members)})
+    result["dominance"] = dominance(result["series"])
     return result
 
 
-def run_label(run) -> str:
-    return f"DPO β={run['beta']:g}" if run["method"] == "dpo" else "Preferred-FT"
+def mean_points(members) -> list[dict]:
+    """At each step every seed evaluated: the mean kl and reward, and their standard errors across
+    seeds (sample standard deviation / sqrt(seeds); None with one seed)."""
+    steps = sorted(set.intersection(*({p["step"] for p in run["points"]} for run in members)))
+    points = []
+    for step in steps:
+        at_step = [next(p for p in run["points"] if p["step"] == step) for run in members]
+        point = {"step": step}
+        for name in ("kl", "reward"):
+            values = [p[name] for p in at_step]
+            mean = sum(values) / len(values)
+            point[name] = mean
+            point[f"{name}_stderr"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+                                                 / len(values)) if len(values) > 1 else None)
+        points.append(point)
+    return points
+
+
+def dominance(series) -> dict:
+    """The paper's claim (Sec. 6.1): DPO's frontier dominates the other methods'. For each point of a
+    non-DPO series after step 0 (its mean over seeds), whether some point of a DPO series (any β, any
+    step) has at least its reward at no more KL."""
+    dpo = [p for s in series if s["method"] == "dpo" for p in s["points"]]
+    checked = [(s, p) for s in series if s["method"] != "dpo" for p in s["points"] if p["step"] > 0]
+    dominated = [(s, p) for s, p in checked if any(q["reward"] >= p["reward"] and q["kl"] <= p["kl"] for q in dpo)]
+    return {"dominated": len(dominated), "of": len(checked),
+            "not_dominated": [{"series": series_label(s), "step": p["step"], "kl": p["kl"], "reward": p["reward"]}
+                              for s, p in checked if (s, p) not in dominated]}
+
+
+def series_label(series) -> str:
+    if series["method"] == "dpo":
+        return f"DPO β={series['beta']:g}"
+    if series["method"] == "unlikelihood":
+        return f"Unlikelihood α={series['alpha']:g}"
+    return "Preferred-FT"
 
 
 def plot(result, path):
@@ -197,16 +309,21 @@ def plot(result, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e \".[plot]\"): frontier.png not drawn"
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for run in result["runs"]:
-        points = sorted(run["points"], key=lambda p: p["kl"])
-        ax.plot([p["kl"] for p in points], [p["reward"] for p in points], "o-", ms=3, label=run_label(run))
-    if result["reference"] is not None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    for series in result["series"]:
+        points = sorted(series["points"], key=lambda p: p["kl"])
+        style = "o-" if series["method"] == "dpo" else ("s--" if series["method"] == "unlikelihood" else "^:")
+        ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], fmt=style, ms=3, capsize=2, lw=1,
+                    xerr=[p["kl_stderr"] or 0 for p in points], yerr=[p["reward_stderr"] or 0 for p in points],
+                    label=series_label(series))
+    if result["reference"]["reward"] is not None:
         ax.axhline(result["reference"]["reward"], color="gray", ls="--", lw=1, label="SFT (reference)")
-    ax.set_xlabel("KL(π || π_ref), sequence level")
+    seeds = max(len(s["seeds"]) for s in result["series"])
+    ax.set_xlabel("KL(π || π_ref), sequence level (sum of per-position KLs)")
     ax.set_ylabel("reward (held-out samples)")
-    ax.set_title("Reward-KL frontier (DPO paper, Fig. 2)")
-    ax.legend(fontsize=8)
+    ax.set_title("Reward-KL frontier (DPO paper, Fig. 2)" + (
+        f": mean of {seeds} seeds, bars ±1 standard error across seeds" if seeds > 1 else ""), fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
@@ -234,24 +351,38 @@ def run_stages(args):
     cfg = read_config(args.config_file)
     if args.out_dir:
         cfg.out_dir = args.out_dir
-    os.makedirs(cfg.out_dir, exist_ok=True)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    sft_model = sft_stage(cfg, log)
-    pairs_path, best_path = pairs_stage(cfg, sft_model, log)
-    runs = runs_stage(cfg, sft_model, pairs_path, best_path, log)
-    result = frontier(runs)
-    write_atomic(os.path.join(cfg.out_dir, "frontier.json"), json.dumps(result, indent=1))
-    log(summary(result))
-    log(plot(result, os.path.join(cfg.out_dir, "frontier.png")))
+    locked_before = len(held_run_dirs())
+    lock_run_dir(cfg.out_dir, log)  # one frontier per directory (each run also locks its own)
+    try:
+        sft_model = sft_stage(cfg, log)
+        pairs_path, best_path = pairs_stage(cfg, sft_model, log)
+        runs = runs_stage(cfg, sft_model, pairs_path, best_path, log)
+        result = frontier(runs)
+        write_atomic(os.path.join(cfg.out_dir, "frontier.json"), json.dumps(result, indent=1))
+        log(summary(result))
+        log(plot(result, os.path.join(cfg.out_dir, "frontier.png")))
+    finally:
+        unlock_run_dirs(keep=locked_before)
 
 
 def summary(result) -> str:
-    lines = [f"reference (SFT) reward {result['reference']['reward']:.3f}" if result["reference"] else "",
-             "| run | final step | KL | reward | best reward (at KL) |", "| --- | --- | --- | --- | --- |"]
-    for run in result["runs"]:
-        last, best = run["points"][-1], max(run["points"], key=lambda q: q["reward"])
-        lines.append(f"| {run_label(run)} | {last['step']} | {last['kl']:.2f} | {last['reward']:.3f} | "
-                     f"{best['reward']:.3f} ({best['kl']:.2f}) |")
+    """The table of each series' last point and best point (means over seeds, ± standard error
+    across seeds), and the dominance count."""
+    def value(point, name, digits):
+        stderr = point[f"{name}_stderr"]
+        return f"{point[name]:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
+
+    reference = result["reference"]["reward"]
+    lines = [f"reference (SFT) reward {reference:.3f}" if reference is not None else "",
+             "| run | seeds | final step | KL | reward | best reward (at KL) |", "| --- | --- | --- | --- | --- | --- |"]
+    for series in result["series"]:
+        last, best = series["points"][-1], max(series["points"], key=lambda q: q["reward"])
+        lines.append(f"| {series_label(series)} | {len(series['seeds'])} | {last['step']} | {value(last, 'kl', 2)} | "
+                     f"{value(last, 'reward', 3)} | {best['reward']:.3f} ({best['kl']:.2f}) |")
+    counted = result["dominance"]
+    lines.append(f"dominance: {counted['dominated']} of {counted['of']} points of the other methods (after step 0, "
+                 "means over seeds) have a DPO point with at least their reward at no more KL")
     return "\n".join(lines)
 
 

@@ -34,8 +34,8 @@ from train.preemption import StopRequests
 from train.rank0 import on_rank0
 from train.resume import run_identity, save, start_or_resume, stop_after_signal
 from train.reward import fetch_reward
-from train.run_dir import (MetricsLog, check_shared_out_dir, check_writable, final_dir, lock_run_dir, metrics_file,
-                           read_metrics, unlock_run_dirs, write_samples_before, write_samples_table)
+from train.run_dir import (MetricsLog, check_shared_out_dir, check_writable, final_dir, held_run_dirs, lock_run_dir,
+                           metrics_file, read_metrics, unlock_run_dirs, write_samples_before, write_samples_table)
 from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
 from train.warm_start import sft_pairs, warm_start
 
@@ -233,11 +233,12 @@ def run(argv=None, stop_requests=None) -> int:
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     stop_requests = stop_requests or StopRequests()
     stop_requests.install()
+    locked_before = len(held_run_dirs())  # a caller's own (frontier.py's directory) stays locked
     try:
         return exit_code_of(main, argv, stop_requests)
     finally:
         end_process_group()  # main's FSDP modules freed first: its threads are joined here, not at exit
-        unlock_run_dirs()
+        unlock_run_dirs(keep=locked_before)
         stop_requests.restore()
 
 

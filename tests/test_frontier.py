@@ -3,7 +3,10 @@ one line before any stage or sampling, a multi-process launch is refused on ever
 hanging, and SIGTERM ends the frontier with one line and 143. (The frontier end to end is
 tests/test_fsdp_train.py::test_frontier_command_on_the_demos_sft_model; the pipeline's counts and
 ordering tests/test_reward.py.)"""
+import json
+import math
 import signal
+import statistics
 import time
 
 import pytest
@@ -29,6 +32,9 @@ def demo_config(**changes):
 @pytest.mark.parametrize("changes, message", [
     ({"betas": ["abc"]}, "betas must be a list of numbers > 0"),
     ({"betas": 0.1}, "betas must be a list of numbers > 0"),
+    ({"alphas": [0]}, "alphas must be a list of numbers > 0"),
+    ({"seeds": [0, 0]}, "seeds must be a list of distinct integers >= 0"),
+    ({"unlikelihood": ["lr"]}, "unlikelihood must be a mapping of options, got list"),
     ({"generation": {"k": 4, "bogus": 1}}, "generation: unknown keys ['bogus']"),
     ({"generation": {"k": 1}}, "k must be an integer >= 2"),
     ({"trainer": ["init_from", "gpt2"]}, "trainer must be a mapping of options, got list"),
@@ -113,3 +119,56 @@ def test_generate_pairs_never_writes_an_empty_pairs_file(tmp_path, tiny_model, c
             "--max_new_tokens=4"]
     assert exit_code_of(generate_pairs.main, argv) == 2
     assert "no pairs" in capsys.readouterr().err and not (tmp_path / "p.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- the frontier's numbers
+
+def write_run(directory, points):
+    """A run directory whose metrics.jsonl holds these (step, kl, reward) eval lines."""
+    directory.mkdir()
+    (directory / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": step, "eval/kl": kl, "eval/reward": reward, "eval/kl_one_sample": kl}) + "\n"
+        for step, kl, reward in points))
+    return directory
+
+
+def test_series_are_means_over_seeds_with_their_standard_errors_and_dominance_is_counted(tmp_path):
+    """Two seeds of DPO and of unlikelihood, written by hand: each series' point is the mean of its
+    seeds' points at that step, its error the sample standard deviation over sqrt(seeds)
+    (statistics.stdev); a non-DPO point counts as dominated when a DPO point has at least its reward
+    at no more KL; the reference is each seed's step-0 reward."""
+    runs = []
+    for seed, shift in ((0, 0.0), (1, 0.2)):
+        runs.append({"method": "dpo", "beta": 0.1, "alpha": None, "seed": seed, "dir": write_run(
+            tmp_path / f"dpo_{seed}", [(0, 0.0, 0.1 + shift), (10, 1.0 + shift, 0.5 + shift), (20, 2.0, 0.9)])})
+        runs.append({"method": "unlikelihood", "beta": None, "alpha": 0.5, "seed": seed, "dir": write_run(
+            tmp_path / f"ul_{seed}", [(0, 0.0, 0.1 + shift), (10, 1.5, 0.6), (20, 0.5, 0.95)])})
+    result = frontier.frontier(runs)
+    assert result["reference"] == {"per_seed": {"0": 0.1, "1": pytest.approx(0.3)}, "reward": pytest.approx(0.2)}
+    dpo, unlikelihood = result["series"]
+    assert (dpo["method"], dpo["beta"], dpo["seeds"]) == ("dpo", 0.1, [0, 1])
+    assert [p["step"] for p in dpo["points"]] == [0, 10, 20]
+    middle = dpo["points"][1]
+    assert middle["kl"] == pytest.approx(1.1) and middle["reward"] == pytest.approx(0.6)
+    assert middle["kl_stderr"] == pytest.approx(statistics.stdev([1.0, 1.2]) / math.sqrt(2))
+    assert middle["reward_stderr"] == pytest.approx(statistics.stdev([0.5, 0.7]) / math.sqrt(2))
+    assert dpo["points"][2]["kl_stderr"] == 0.0
+    # unlikelihood's step 10 (kl 1.5, reward 0.6) is dominated by DPO's (1.1, 0.6); step 20 (0.5, 0.95) is not
+    assert result["dominance"] == {"dominated": 1, "of": 2, "not_dominated": [
+        {"series": "Unlikelihood α=0.5", "step": 20, "kl": 0.5, "reward": 0.95}]}
+    summary = frontier.summary(result)
+    assert "| DPO β=0.1 | 2 | 20 | 2.00 ± 0.00 | 0.900 ± 0.000 |" in summary
+    assert "dominance: 1 of 2 points" in summary
+
+
+def test_a_second_frontier_on_a_directory_in_use_is_refused(tmp_path, capsys):
+    from train.run_dir import lock_run_dir, unlock_run_dirs
+    (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(demo_config()))
+    lock_run_dir(str(tmp_path / "out"))
+    try:
+        assert exit_code_of(frontier.main, [f"--config_file={tmp_path / 'frontier.yaml'}",
+                                            f"--out_dir={tmp_path / 'out'}"]) == 2
+    finally:
+        unlock_run_dirs()
+    assert "is in use by another run" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".lock"]

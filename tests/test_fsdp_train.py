@@ -330,29 +330,44 @@ def test_demo_config_learns(demo_run):
 
 def test_frontier_command_on_the_demos_sft_model(demo_run, tmp_path):
     """frontier.py end to end, small: pairs sampled from the demo's SFT model and ranked by VADER, one
-    DPO run and the preferred-FT baseline, evaluated on the same held-out prompts; the JSON has the
-    documented shape, and DPO's reward rises above the SFT model's (the reference's)."""
+    DPO run, one unlikelihood run and the preferred-FT baseline, evaluated on the same held-out
+    prompts; the JSON has the documented shape, and DPO's reward rises above the SFT model's (the
+    reference's). A relaunch with other generation options is refused before anything is redone."""
     import frontier
     import yaml
+    from errors import exit_code_of
     config = yaml.safe_load((ROOT / "config" / "frontier_demo.yaml").read_text())
     config["trainer"] |= {"init_from": str(demo_run[0] / "sft"), "device": "cpu", "kl_samples": 32, "eval_every": 3,
                           "n_samples": 0, "log_every": 3}
-    config |= {"sft": None, "betas": [0.5], "dpo": {"lr": 3e-4, "max_steps": 6},
-               "preferred_ft": {"lr": 3e-4, "max_steps": 3}, "generation": config["generation"] | {"k": 3}}
+    config |= {"sft": None, "betas": [0.5], "dpo": {"lr": 3e-4, "max_steps": 6}, "alphas": [0.5],
+               "unlikelihood": {"lr": 3e-4, "max_steps": 3}, "preferred_ft": {"lr": 3e-4, "max_steps": 3},
+               "seeds": [0], "generation": config["generation"] | {"k": 3}}
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
+    argv = [f"--config_file={tmp_path / 'frontier.yaml'}", f"--out_dir={tmp_path / 'out'}"]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
-        frontier.main([f"--config_file={tmp_path / 'frontier.yaml'}", f"--out_dir={tmp_path / 'out'}"])
+        frontier.main(argv)
     result = json.loads((tmp_path / "out" / "frontier.json").read_text())
-    assert set(result) == {"reference", "runs"} and set(result["reference"]) == {"reward"}
-    assert [(r["method"], r["beta"]) for r in result["runs"]] == [("dpo", 0.5), ("preferred_ft", None)]
-    for run in result["runs"]:
+    assert set(result) == {"reference", "runs", "series", "dominance"}
+    reference = result["reference"]["reward"]
+    assert result["reference"] == {"per_seed": {"0": reference}, "reward": reference}
+    assert [(r["method"], r["beta"], r["alpha"], r["seed"]) for r in result["runs"]] == [
+        ("dpo", 0.5, None, 0), ("unlikelihood", None, 0.5, 0), ("preferred_ft", None, None, 0)]
+    for run, series in zip(result["runs"], result["series"]):
         assert [p["step"] for p in run["points"]] == ([0, 3, 6] if run["method"] == "dpo" else [0, 3]), run
         assert all(set(p) == {"step", "kl", "reward"} for p in run["points"])
-        assert run["points"][0]["kl"] == 0.0 and run["points"][0]["reward"] == result["reference"]["reward"]
+        assert run["points"][0]["kl"] == 0.0 and run["points"][0]["reward"] == reference
+        assert series["seeds"] == [0] and all(p["kl_stderr"] is None for p in series["points"])  # one seed
+        assert [(p["kl"], p["reward"]) for p in series["points"]] == [(p["kl"], p["reward"]) for p in run["points"]]
+    assert result["dominance"]["of"] == 2  # the unlikelihood and preferred-FT points at step 3
     dpo = result["runs"][0]["points"]
-    assert dpo[-1]["reward"] > result["reference"]["reward"], (dpo, stdout.getvalue()[-2000:])
+    assert dpo[-1]["reward"] > reference and dpo[-1]["kl"] > 0, (dpo, stdout.getvalue()[-2000:])
     pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
     assert all(p["chosen_reward"] > p["rejected_reward"] for p in pairs) and len(pairs) <= 128 * 3
+    config["generation"]["k"] = 4  # every run above was trained on the k=3 pairs
+    (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        assert exit_code_of(frontier.main, argv) == 2
+    assert "pairs.jsonl was made from other inputs (generation.k: 3 -> 4)" in stderr.getvalue(), stderr.getvalue()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -179,10 +179,16 @@ def check_lock_held(out_dir):
                                   "writing to this out_dir, so this run stops without writing more")
 
 
-def unlock_run_dirs():
-    """Release the locks this process holds (the kernel would on exit; in-process runs need it now).
+def held_run_dirs() -> list[str]:
+    """The run directories this process holds locked, in the order it locked them."""
+    return [held_dir for held_dir, _, _ in _held_locks]
+
+
+def unlock_run_dirs(keep=0):
+    """Release the locks this process took after its first `keep` (the kernel would on exit;
+    in-process runs need it now): a run inside frontier.py releases its own, not the frontier's.
     The holder is cleared first, so the next launch finds no stale holder to report."""
-    while _held_locks:
+    while len(_held_locks) > keep:
         _, fd, dir_fd = _held_locks.pop()
         os.ftruncate(fd, 0)
         os.close(fd)
