@@ -311,7 +311,7 @@ def plot(result, path):
         return "matplotlib is not installed (pip install -e \".[plot]\"): frontier.png not drawn"
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for series in result["series"]:
-        points = sorted(series["points"], key=lambda p: p["kl"])
+        points = series["points"]  # in step order: each series' path as training goes on
         style = "o-" if series["method"] == "dpo" else ("s--" if series["method"] == "unlikelihood" else "^:")
         ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], fmt=style, ms=3, capsize=2, lw=1,
                     xerr=[p["kl_stderr"] or 0 for p in points], yerr=[p["reward_stderr"] or 0 for p in points],
@@ -322,7 +322,7 @@ def plot(result, path):
     ax.set_xlabel("KL(π || π_ref), sequence level (sum of per-position KLs)")
     ax.set_ylabel("reward (held-out samples)")
     ax.set_title("Reward-KL frontier (DPO paper, Fig. 2)" + (
-        f": mean of {seeds} seeds, bars ±1 standard error across seeds" if seeds > 1 else ""), fontsize=9)
+        f"\nmean of {seeds} seeds, bars ±1 standard error across seeds" if seeds > 1 else ""), fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
