@@ -19,6 +19,7 @@ XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if XDIST_WORKER else min(2, os.cpu_count() or 1))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: absent under -p no:xdist
 def pytest_xdist_auto_num_workers(config):
     """-n auto: two workers at most. More would each hold torch and transformers, and the tests that
     start two ranks already use two cores."""

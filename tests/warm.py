@@ -98,6 +98,8 @@ class WarmProcess:
             message = self._connection.recv(1 << 16)
         except (BlockingIOError, TimeoutError):
             return False
+        if not message:
+            raise RuntimeError(f"tests/warm_server.py ended before pid {self.pid} did (its children die with it)")
         self.returncode = json.loads(message)["returncode"]
         self._connection.close()
         return True
@@ -123,7 +125,10 @@ class WarmProcess:
 
     def send_signal(self, signum):
         if self.poll() is None:
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # ended, not yet reported: as subprocess.Popen, nothing to do
+                pass
 
     def kill(self):
         self.send_signal(signal.SIGKILL)
@@ -142,6 +147,7 @@ def run(argv, env=None, timeout=300) -> subprocess.CompletedProcess:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(60)
             raise
         out.seek(0)
         err.seek(0)
@@ -179,9 +185,13 @@ def wait_ranks(processes, timeout=300, grace=10):
         if any(p.returncode not in (None, 0) for p in processes):
             deadline = min(deadline, time.monotonic() + grace)
         if time.monotonic() > deadline:
+            timed_out = all(p.returncode in (None, 0) for p in processes)
             for p in processes:
                 p.kill()
-            if all(p.returncode in (None, 0) for p in processes):
+            if timed_out:
+                for p in processes:
+                    p.wait(60)
+                    p.stdout.close()
                 raise subprocess.TimeoutExpired(processes[0].args, timeout)
         time.sleep(0.02)
     for reader, p in zip(readers, processes):

@@ -7,16 +7,20 @@ its exit status as subprocess.Popen.returncode would read it.
 
 Forking is safe here because the server holds one thread and never ran a torch operation: no OpenMP
 pool, no process group, no CUDA context exists to be copied half-made. It exits when its parent
-(pytest) is gone."""
+(pytest) is gone, and its children are killed when it ends."""
+import ctypes
 import importlib
 import json
 import os
 import runpy
 import select
+import signal
 import socket
 import sys
 import threading
 import traceback
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def main(socket_path, preload):
@@ -36,26 +40,42 @@ def main(socket_path, preload):
         if readable:
             connection, _ = server.accept()
             message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 2)
+            if not message or len(fds) != 2:  # a client gone before its request was sent
+                for fd in fds:
+                    os.close(fd)
+                connection.close()
+                continue
             pid = os.fork()
             if pid == 0:
                 server.close()
-                connection.close()
+                for held in [connection, *children.values()]:  # no other client's socket stays open in a child
+                    held.close()
                 run_child(json.loads(message), fds)  # never returns
             for fd in fds:
                 os.close(fd)
-            connection.send(json.dumps({"pid": pid}).encode())
+            tell(connection, {"pid": pid})
             children[pid] = connection
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
             connection = children.pop(pid)
-            connection.send(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}).encode())
+            tell(connection, {"returncode": os.waitstatus_to_exitcode(status)})
             connection.close()
 
 
+def tell(connection, message):
+    """To a client that may have gone (a test that failed before waiting): then nobody is told."""
+    try:
+        connection.send(json.dumps(message).encode())
+    except OSError:
+        pass
+
+
 def run_child(request, fds):
-    """In the forked child: become `python ARGV` in the request's directory and environment."""
+    """In the forked child: become `python ARGV` in the request's directory and environment. It is
+    killed when the server ends (PR_SET_PDEATHSIG), so no run outlives the pytest worker."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.dup2(fds[0], 1)
     os.dup2(fds[1], 2)
     for fd in set(fds):
