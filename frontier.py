@@ -30,6 +30,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 
 from data.demo import demo_texts
@@ -274,10 +275,8 @@ def mean_points(members) -> list[dict]:
         point = {"step": step}
         for name in ("kl", "reward"):
             values = [p[name] for p in at_step]
-            mean = sum(values) / len(values)
-            point[name] = mean
-            point[f"{name}_stderr"] = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-                                                 / len(values)) if len(values) > 1 else None)
+            point[name] = statistics.fmean(values)
+            point[f"{name}_stderr"] = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
         points.append(point)
     return points
 
@@ -287,11 +286,11 @@ def dominance(series) -> dict:
     non-DPO series after step 0 (its mean over seeds), whether some point of a DPO series (any β, any
     step) has at least its reward at no more KL."""
     dpo = [p for s in series if s["method"] == "dpo" for p in s["points"]]
-    checked = [(s, p) for s in series if s["method"] != "dpo" for p in s["points"] if p["step"] > 0]
-    dominated = [(s, p) for s, p in checked if any(q["reward"] >= p["reward"] and q["kl"] <= p["kl"] for q in dpo)]
-    return {"dominated": len(dominated), "of": len(checked),
-            "not_dominated": [{"series": series_label(s), "step": p["step"], "kl": p["kl"], "reward": p["reward"]}
-                              for s, p in checked if (s, p) not in dominated]}
+    not_dominated = [{"series": series_label(s), "step": p["step"], "kl": p["kl"], "reward": p["reward"]}
+                     for s in series if s["method"] != "dpo" for p in s["points"] if p["step"] > 0
+                     and not any(q["reward"] >= p["reward"] and q["kl"] <= p["kl"] for q in dpo)]
+    checked = sum(p["step"] > 0 for s in series if s["method"] != "dpo" for p in s["points"])
+    return {"dominated": checked - len(not_dominated), "of": checked, "not_dominated": not_dominated}
 
 
 def series_label(series) -> str:

@@ -23,6 +23,7 @@ from transformers import GPT2LMHeadModel
 
 import warm
 from conftest import ROOT, made_once
+from warm import ENV
 from data.batches import collate_pairs, pairs_of, split_groups, truncate_groups
 from data.formats import make_demo_groups
 import fsdp_train
@@ -34,7 +35,6 @@ TINY = ["--init_from=scratch", "--n_layer=2", "--n_head=2", "--n_embd=32", "--n_
         "--max_prompt_len=16", "--max_len=32", f"--eval_fraction={EVAL_FRACTION}", "--batch_size=8",
         "--micro_batch_size=4", "--max_steps=4", "--lr=1e-3", "--precision=fp32", "--device=cpu", "--log_every=1",
         "--eval_every=0", "--n_samples=2", "--kl_samples=2", "--max_new_tokens=4", "--seed=0"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 @dataclass

@@ -25,7 +25,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
+# the environment of every process a test starts: one OpenMP thread each, output unbuffered
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 PRELOAD = ["torch", "fsdp_train", "frontier"]
 
