@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from data.batches import PackedBatch, PairBatch
-from gpt2 import padding_inputs
+from gpt2 import last_token_index, padding_inputs
 from errors import ConfigError
 
 # --- log-probs
@@ -175,6 +175,30 @@ def unlikelihood_loss(model, batch: PairBatch, alpha: float):
     return loss, {"loss": loss.detach(), "nll/chosen": likelihood.detach(),
                   "unlikelihood/rejected": unlikelihood.detach(), "logps/chosen": sums[:n_rows // 2].mean(),
                   "logps/rejected": sums[n_rows // 2:].mean()}
+
+
+def pair_scores(model, batch: PairBatch):
+    """A reward model's scores of a PairBatch's rows, (2B,) fp32 (chosen rows first): the score head read
+    at each row's last token that is not <|endoftext|> (gpt2.last_token_index: where transformers'
+    GPT2ForSequenceClassification reads it, so the export scores as this does)."""
+    rows, T = batch.input_ids.shape
+    read_at = torch.arange(rows, device=batch.input_ids.device) * T + last_token_index(batch.input_ids)
+    return model(batch.input_ids, logits_at=read_at, head="score")
+
+
+def reward_model_loss(model, batch: PairBatch):
+    """The reward model of the DPO paper's Eq. 2 (Bradley-Terry, as Ziegler et al. 2019 and Stiennon et
+    al. 2020 train it for PPO): loss = -mean over pairs of log sigmoid(r(x, y_c) - r(x, y_r)), and its
+    metrics under DPO's names, rewards/* being the scores r themselves."""
+    chosen, rejected = pair_scores(model, batch).chunk(2)
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    return loss, reward_model_metrics(loss, chosen, rejected)
+
+
+def reward_model_metrics(loss, chosen, rejected):
+    chosen, rejected = chosen.detach(), rejected.detach()
+    return {"loss": loss.detach(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean()}
 
 
 @dataclass

@@ -89,7 +89,10 @@ def ignore(*args, **kwargs):
 # ----------------------------------------------------------------------------- samples
 
 def sample_prompts_of(eval_pairs, cfg):
-    """The held-out prompts of the before/after table: n_samples, spread over the eval pairs."""
+    """The held-out prompts of the before/after table: n_samples, spread over the eval pairs (none for a
+    reward model, which samples nothing)."""
+    if cfg.objective == "reward_model":
+        return []
     return [p.prompt for p in eval_pairs[:: max(1, len(eval_pairs) // max(1, cfg.n_samples))]][:cfg.n_samples]
 
 

@@ -27,6 +27,7 @@ EOT_ID = 50256  # <|endoftext|>, GPT-2's end-of-text token
 # The LM head is tied to the token embedding: one parameter under two names. Files store it once, as
 # TIED_TO (transformers' files do too); every state dict in memory carries both names.
 TIED_HEAD, TIED_TO = "lm_head.weight", "transformer.wte.weight"
+SCORE_HEAD = "score.weight"  # the scalar head of GPT(score_head=True), as GPT2ForSequenceClassification names it
 
 
 # ----------------------------------------------------------------------------- config
@@ -87,10 +88,13 @@ class GPTConfig:
         except ValueError as err:  # __post_init__'s checks: n_embd divisible by n_head, the activation
             raise WeightsError(f"{source}: {err}") from err
 
-    def to_hf_dict(self) -> dict:
-        """The config.json transformers writes for GPT2LMHeadModel, with our shape."""
+    def to_hf_dict(self, score_head: bool = False) -> dict:
+        """The config.json transformers writes for GPT2LMHeadModel, with our shape; with score_head, for
+        GPT2ForSequenceClassification with one label (a reward model), <|endoftext|> as its pad token."""
+        kind = ({"architectures": ["GPT2ForSequenceClassification"], "num_labels": 1, "pad_token_id": EOT_ID}
+                if score_head else {"architectures": ["GPT2LMHeadModel"]})
         return {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **asdict(self),
+            **kind, "model_type": "gpt2", **asdict(self),
             "n_ctx": self.n_positions,
             "bos_token_id": EOT_ID if EOT_ID < self.vocab_size else None,
             "eos_token_id": EOT_ID if EOT_ID < self.vocab_size else None,
@@ -252,7 +256,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 with a tied LM head and no dropout.
+    """GPT-2 with a tied LM head and no dropout; with score_head, also a scalar head `score` (n_embd -> 1,
+    no bias), named and shaped as transformers' GPT2ForSequenceClassification's: a reward model's
+    score, or PPO's value head on the policy (forward's `head`).
 
     No dropout: DPO compares log-probs of the policy and the reference on the same tokens, and
     the DPO authors train with dropout off; with it on, the ratio would be noise at step 0.
@@ -261,7 +267,7 @@ class GPT(nn.Module):
     head_precision = "fp32"  # how the scored rows' fp32 logits are computed under bf16 (scored_logits); the
     #                          trainer sets its lm_head_precision here
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, score_head: bool = False):
         super().__init__()
         avoid_cudnn_attention()
         self.config = config
@@ -272,6 +278,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.score = nn.Linear(config.n_embd, 1, bias=False) if score_head else None
         self.tie_weights()
 
     def tie_weights(self):
@@ -304,7 +311,7 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def forward(self, input_ids, position_ids=None, mask=None, kv_cache=None, logits_at=None):
+    def forward(self, input_ids, position_ids=None, mask=None, kv_cache=None, logits_at=None, head="lm"):
         """Logits for a batch of token ids, in the spirit of gpt-fast's forward(idx, input_pos): the
         caller builds the positions and the mask; the model only applies them.
 
@@ -322,9 +329,14 @@ class GPT(nn.Module):
             computed only at those positions and returned packed, (N, vocab), in mask (row-major) or
             index order. Nothing reads the other positions after the last block's attention, so its
             MLP and ln_f run only at these positions too.
+        head: "lm" returns the logits; "score" the score head's fp32 scalars instead, (B, T) or (N,)
+            (no LM head is run); "both" returns (logits, scores) from the one pass (PPO's policy and
+            value).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
+        if head not in ("lm", "score", "both") or (head != "lm" and self.score is None):
+            raise ValueError(f"head={head!r}: expected lm, or score/both on a model built with score_head=True")
         if mask is None and past > 0:
             raise ValueError("a forward after a filled KV cache needs its mask (padding_inputs)")
         if position_ids is None:
@@ -341,7 +353,14 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        if keep is not None and x.dtype in (torch.bfloat16, torch.float16):
+        scores = self.score(x).sum(-1, dtype=torch.float32) if head != "lm" else None  # (B, T) or (N,), not a view
+        if head == "score":
+            return scores
+        logits = self.lm_logits(x, keep is not None)
+        return (logits, scores) if head == "both" else logits
+
+    def lm_logits(self, x, packed):
+        if packed and x.dtype in (torch.bfloat16, torch.float16):
             # The scored rows' logits in fp32: in bf16 a logit of 32-64 is rounded to a multiple of 0.25
             # before the log-softmax. How the fp32 logits are computed: self.head_precision.
             return scored_logits(x, self.lm_head.weight, self.head_precision)  # (N, V) fp32
@@ -394,25 +413,27 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, dtype=torch.float32, device="cpu", revision=None,
-                        cache_dir=None) -> "GPT":
+                        cache_dir=None, score_head=False) -> "GPT":
         """GPT-2 weights from a local directory or a Hugging Face hub id.
 
         A directory must hold config.json and model.safetensors (or sharded model-0000N-of-0000M
         files with model.safetensors.index.json). Anything else is taken as a hub repo id
         ("gpt2", "openai-community/gpt2-xl", "user/my-gpt2") and fetched with huggingface_hub,
         which honours its cache, HF_HUB_OFFLINE and `revision`. Only safetensors are read:
-        pytorch_model.bin is never unpickled.
+        pytorch_model.bin is never unpickled. score_head=True reads a GPT2ForSequenceClassification
+        folder with one label (a reward model; its score.weight is then required).
         """
         path = resolve_checkpoint_dir(name_or_dir, revision=revision, cache_dir=cache_dir)
         config = read_hf_config(path)
         with torch.device("meta"):  # no memory for weights until they are read
-            model = cls(config)
-        state_dict = read_hf_state_dict(path, config, dtype=dtype, device=device)
+            model = cls(config, score_head=score_head)
+        state_dict = read_hf_state_dict(path, config, dtype=dtype, device=device, score_head=score_head)
         model.load_state_dict(state_dict, strict=False, assign=True)  # lm_head is tied, not in the dict
         return model.tie_weights().eval()  # assign=True replaced wte
 
     def save_pretrained(self, out_dir: str):
-        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel loads."""
+        """Write config.json + model.safetensors that transformers.GPT2LMHeadModel (with a score head:
+        GPT2ForSequenceClassification) loads."""
         write_hf_checkpoint(self.config, self.state_dict(), out_dir)
 
 
@@ -438,6 +459,14 @@ def padding_attention_mask(token_mask, T):
     key_pos = torch.arange(S, device=token_mask.device)[None, :]            # (1, S)
     allowed = (key_pos <= query_pos) & (token_mask[:, None, :] | (key_pos == query_pos))  # (B, T, S)
     return allowed[:, None]
+
+
+def last_token_index(input_ids, pad_id=EOT_ID):
+    """(B, T) -> (B,) the column of each row's last token that is not pad_id: where a reward model reads
+    its score, by transformers' GPT2ForSequenceClassification's rule (its pad token is <|endoftext|>,
+    so a response's closing <|endoftext|> is not read either; a row of pad_id alone reads column 0)."""
+    columns = torch.arange(input_ids.size(1), device=input_ids.device)
+    return (columns * (input_ids != pad_id)).argmax(-1)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -583,10 +612,12 @@ def hf_key_to_ours(key: str) -> str | None:
     """Map a checkpoint key to our parameter name; None for keys to skip (buffers, tied head)."""
     if key.endswith((".attn.bias", ".attn.masked_bias")) or key == TIED_HEAD:
         return None  # causal-mask buffers of old files, and the head that is tied to wte
+    if key == SCORE_HEAD:
+        return key
     return key if key.startswith("transformer.") else "transformer." + key  # hub's original files: no prefix
 
 
-def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device="cpu") -> dict:
+def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device="cpu", score_head=False) -> dict:
     """Read a checkpoint's tensors into our layout, one tensor at a time, cast to dtype on device.
 
     Peak memory is one copy of the model in `dtype` plus one tensor: safetensors maps the file and
@@ -594,7 +625,7 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
     (keys_to_read). Missing, unexpected and mis-shaped keys are reported together in one error.
     """
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in GPT(config).state_dict().items() if k != TIED_HEAD}
+        expected = {k: v.shape for k, v in GPT(config, score_head).state_dict().items() if k != TIED_HEAD}
     state_dict, read_from, unexpected, wrong_shape, files = {}, {}, [], [], weight_files(path)
     assigned_file = {key: file for file, keys in files.items() for key in keys or ()}
     for file, assigned in files.items():
@@ -633,6 +664,7 @@ def write_hf_checkpoint(config: GPTConfig, state_dict: dict, out_dir: str):
     weights, no buffers, tied head omitted). Written to temporary names and renamed, so a crash
     leaves the old files or the new ones, never half of one."""
     os.makedirs(out_dir, exist_ok=True)
+    score_head = SCORE_HEAD in state_dict
     tensors = {}
     for name, tensor in state_dict.items():
         if name == TIED_HEAD:
@@ -641,7 +673,7 @@ def write_hf_checkpoint(config: GPTConfig, state_dict: dict, out_dir: str):
         tensors[name] = (tensor.t() if name.endswith(CONV1D_SUFFIXES) else tensor).contiguous()
     def write_config(tmp_path):
         with open(tmp_path, "w") as f:
-            json.dump(config.to_hf_dict(), f, indent=2)
+            json.dump(config.to_hf_dict(score_head), f, indent=2)
 
     for filename, write in (
         ("model.safetensors", lambda tmp_path: save_file(tensors, tmp_path, metadata={"format": "pt"})),

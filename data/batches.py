@@ -290,6 +290,12 @@ def collate_pairs_shared_prompt(pairs: list[Pair], pad_id: int = EOT_ID) -> Pack
     )
 
 
+def right_pad(rows: list[list[int]], pad_id: int = EOT_ID):
+    """Token rows of different lengths as one (B, T) long tensor, padded on the right with pad_id."""
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [pad_id] * (T - len(r)) for r in rows], dtype=torch.long)
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = EOT_ID):
     """Prompts of different lengths for generation: (input_ids, attention_mask), both (B, T), padded on
     the left so that every prompt ends in the last column, where generation continues."""

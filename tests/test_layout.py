@@ -51,9 +51,9 @@ def test_no_import_cycle():
 LAYERS = [
     ("the ground floor: the model, and the error types everything raises", ["gpt2", "errors"]),
     ("preferences in, token batches out", ["data"]),
-    ("the objective", ["dpo"]),
+    ("the objectives", ["dpo", "ppo"]),
     ("the training job's parts", ["train"]),
-    ("the job", ["fsdp_train"]),
+    ("the jobs", ["fsdp_train", "ppo_train"]),
     ("commands above the job: sampling, plots, pair generation, the paper's frontier",
      ["sample", "plot_metrics", "generate_pairs", "frontier"]),
     ("measurements of all of it", ["bench"]),

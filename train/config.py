@@ -60,8 +60,10 @@ class TrainConfig:
     max_len: int = option(88, "prompt + response tokens; responses are cut to max_len - prompt length")
     eval_fraction: float = option(0.05, "fraction of prompts (groups) held out for evaluation", identity=True)
     # --- objective
-    objective: str = option("dpo", "dpo; sft: maximise the likelihood of the chosen responses; or unlikelihood "
-                            "(the paper's baseline): that, and push down each rejected token (unlikelihood_alpha)",
+    objective: str = option("dpo", "dpo; sft: maximise the likelihood of the chosen responses; unlikelihood "
+                            "(the paper's baseline): that, and push down each rejected token (unlikelihood_alpha); "
+                            "reward_model: a Bradley-Terry reward model of the pairs (a score head, exported as "
+                            "GPT2ForSequenceClassification); ppo: PPO on `reward` (ppo_train.py, its own command)",
                             identity=True)
     unlikelihood_alpha: float = option(1.0, "unlikelihood: the weight of the rejected tokens' -log(1 - p) (the "
                                        "paper's alpha, in 0.05-1)", identity=True)
@@ -81,6 +83,20 @@ class TrainConfig:
                          identity=True)
     precompute_reference: bool = option(False, "compute the reference log-probs of every pair once before "
                                         "training, cache them in out_dir, and hold no reference model")
+    # --- PPO (ppo_train.py): batch_size prompts per rollout batch, each sampled once (temperature 1)
+    ppo_epochs: int = option(4, "ppo: passes over each rollout batch", identity=True)
+    mini_batch_size: int = option(16, "ppo: rollouts per optimizer step, over all ranks (batch_size / mini_batch_size "
+                                  "steps per pass)", identity=True)
+    kl_coef: float = option(0.2, "ppo: the starting coefficient of the per-token KL penalty against the reference",
+                            identity=True)
+    target_kl: float = option(6.0, "ppo: the sequence KL the adaptive controller steers kl_coef towards (Ziegler "
+                              "et al. 2019); 0 keeps kl_coef fixed", identity=True)
+    kl_horizon: int = option(10000, "ppo: the adaptive controller's horizon, in rollouts", identity=True)
+    gamma: float = option(1.0, "ppo: discount of GAE", identity=True)
+    lam: float = option(0.95, "ppo: lambda of GAE", identity=True)
+    cliprange: float = option(0.2, "ppo: clip of the policy ratio", identity=True)
+    cliprange_value: float = option(0.2, "ppo: clip of the value update", identity=True)
+    vf_coef: float = option(0.1, "ppo: weight of the value loss", identity=True)
     # --- optimisation
     optimizer: str = option("adamw", "adamw, or rmsprop (the DPO paper's, App. B: with lr 1e-6 and warmup_steps 150)",
                             identity=True)
@@ -138,7 +154,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft", "unlikelihood"),
+    "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft", "unlikelihood", "reward_model", "ppo"),
     "loss_type": LOSS_TYPES,
     "logps": ("auto", "sum", "mean"), "sft_on": ("chosen", "all"), "lr_schedule": ("constant", "cosine"),
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
@@ -147,8 +163,9 @@ CHOICES = {
 }
 MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offsets per-eval sampling seeds
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
-            "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints")
-NON_NEGATIVE = ("unlikelihood_alpha", "sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
+            "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints", "ppo_epochs",
+            "mini_batch_size", "kl_horizon")
+NON_NEGATIVE = ("kl_coef", "target_kl", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "unlikelihood_alpha", "sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
                 "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature")
 
 
@@ -238,7 +255,7 @@ def unknown_key_message(key, source):
     return f"{source}: unknown key {key!r}{hint} (`python fsdp_train.py --help` lists every key)"
 
 
-def validate(cfg: TrainConfig):
+def validate(cfg: TrainConfig, prog="fsdp_train.py"):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -280,19 +297,28 @@ def validate(cfg: TrainConfig):
         check_reward_spec(cfg.reward)
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:  # before any data is read or file written
         raise ConfigError("--wandb_log needs Weights & Biases: pip install wandb")
+    check_objective(cfg, prog)
     if cfg.precompute_reference and cfg.reference_free:
         raise ConfigError("precompute_reference and reference_free exclude each other")
     check_sharding(cfg)
 
 
-def parse_args(argv=None) -> TrainConfig:
-    """--config_file PATH, then --key=value overrides, then validation."""
+DESCRIPTIONS = {
+    "fsdp_train.py": "DPO (and SFT, unlikelihood, a reward model) for GPT-2 with FSDP2. Launch with torchrun for "
+                     "several processes: torchrun --nproc_per_node N fsdp_train.py --config_file config/X.yaml",
+    "ppo_train.py": "PPO for GPT-2 with FSDP2, on a ground-truth reward or a reward model (reward: rm:DIR). Launch "
+                    "with torchrun for several processes: torchrun --nproc_per_node N ppo_train.py --config_file X.yaml",
+}
+
+
+def parse_args(argv=None, prog="fsdp_train.py") -> TrainConfig:
+    """--config_file PATH, then --key=value overrides, then validation. prog: the command (ppo_train.py
+    trains objective ppo, its default there)."""
     parser = argparse.ArgumentParser(
-        prog="fsdp_train.py", description="DPO (and SFT) for GPT-2 with FSDP2. Launch with torchrun for "
-        "several processes: torchrun --nproc_per_node N fsdp_train.py --config_file config/X.yaml",
+        prog=prog, description=DESCRIPTIONS[prog],
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config_file", help="YAML file of keys below; flags given after it override it")
-    defaults = TrainConfig()
+    defaults = TrainConfig(**program_defaults(prog))
     for f in dataclasses.fields(TrainConfig):
         help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)!r})"
         if f.type is bool:  # --flag alone means true; --flag=false also works
@@ -315,9 +341,27 @@ def parse_args(argv=None) -> TrainConfig:
             values[key] = coerce(key, value, config_file)
     for key, value in vars(args).items():
         values[key] = coerce(key, value, f"--{key}")
-    cfg = TrainConfig(**values)
-    validate(cfg)
+    cfg = TrainConfig(**(program_defaults(prog) | values))
+    validate(cfg, prog)
     return cfg
+
+
+def program_defaults(prog) -> dict:
+    return {"objective": "ppo"} if prog == "ppo_train.py" else {}
+
+
+def check_objective(cfg: TrainConfig, prog):
+    """Which command trains which objective, and what each needs."""
+    if (cfg.objective == "ppo") != (prog == "ppo_train.py"):
+        raise ConfigError(f"objective={cfg.objective} is trained by "
+                          f"{'ppo_train.py' if cfg.objective == 'ppo' else 'fsdp_train.py'}, not {prog}")
+    if cfg.objective == "ppo":
+        if not cfg.reward:
+            raise ConfigError("objective=ppo needs a reward to optimise: reward=" + SPEC_HELP)
+        check_batch_sizes(cfg.mini_batch_size, cfg.micro_batch_size, world_size=1)
+        if cfg.batch_size % cfg.mini_batch_size:
+            raise ConfigError(f"batch_size={cfg.batch_size} (rollouts per batch) is not a multiple of "
+                              f"mini_batch_size={cfg.mini_batch_size}")
 
 
 def check_positions(cfg: TrainConfig, n_positions: int, source: str):
@@ -360,7 +404,7 @@ def logps_average(cfg: TrainConfig) -> bool:
 
 def shares_prompt(cfg: TrainConfig) -> bool:
     """Whether batches are packed by prompt (PackedBatch): DPO with prefix_sharing; SFT reads only
-    the chosen rows of a PairBatch."""
+    the chosen rows of a PairBatch, and a reward model reads each row's last token."""
     return cfg.prefix_sharing and cfg.objective == "dpo"
 
 

@@ -7,6 +7,7 @@ bench/memory_estimate.py), so the models they time are the trainer's own.
 import dataclasses
 import gc
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from errors import ConfigError
-from gpt2 import GPT, GPTConfig, TIED_HEAD, TIED_TO, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
+from gpt2 import GPT, GPTConfig, SCORE_HEAD, TIED_HEAD, TIED_TO, read_hf_config, read_hf_state_dict, resolve_checkpoint_dir
 from train.config import TrainConfig, check_positions, check_sharding, reference_precision_name
 from train.optim import LossScaler, make_optimizer
 from train.rank0 import on_rank0
@@ -144,7 +145,21 @@ def read_weights_into(cfg: TrainConfig, state_dict: dict) -> dict:
         config = read_hf_config(path)
         state_dict.update(read_hf_state_dict(path, config))
         state_dict[TIED_HEAD] = state_dict[TIED_TO]
+    if has_score_head(cfg):
+        state_dict[SCORE_HEAD] = initial_score_head(config.n_embd, cfg.seed)
     return {"config": dataclasses.asdict(config), "weights_sha256": weights_fingerprint(state_dict)}
+
+
+def has_score_head(cfg: TrainConfig) -> bool:
+    """The policy carries GPT's scalar head: the reward model's score, PPO's value head (ppo_train.py)."""
+    return cfg.objective in ("reward_model", "ppo")
+
+
+def initial_score_head(n_embd: int, seed: int):
+    """(1, n_embd) ~ N(0, 1 / (n_embd + 1)), Stiennon et al. 2020's initialisation of the reward head
+    (their App. C), seeded: the same starting weights on every launch of the run."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n_embd, generator=generator) / math.sqrt(n_embd + 1)
 
 
 def weights_fingerprint(state_dict: dict) -> str:
@@ -162,8 +177,11 @@ def build_model(config, state_dict, cfg, mesh, device, trainable: bool):
     """A GPT on `device` holding state_dict (rank 0's; broadcast into every rank's shards), parallelized.
     trainable=False gives the frozen reference, in reference_precision, without gradients."""
     compute_dtype = DTYPES[cfg.precision] if trainable else DTYPES[reference_precision_name(cfg)]
+    score_head = trainable and has_score_head(cfg)
+    if state_dict is not None and not score_head:  # the reference: a language model only
+        state_dict = {k: v for k, v in state_dict.items() if k != SCORE_HEAD}
     with torch.device("meta"):  # no memory until the weights arrive
-        model = GPT(config)
+        model = GPT(config, score_head=score_head)
     model.head_precision = cfg.lm_head_precision
     if not trainable:
         model = model.to(compute_dtype).requires_grad_(False)
@@ -189,9 +207,12 @@ class TrainingState:
 
 
 def needs_reference_model(cfg: TrainConfig) -> bool:
-    """DPO's frozen reference; for SFT and unlikelihood with kl_samples > 0, the starting weights that
-    eval/kl is measured against (kl_samples: 0 trains them without that copy)."""
-    return (cfg.objective == "dpo" and not cfg.reference_free) or (cfg.objective != "dpo" and cfg.kl_samples > 0)
+    """DPO's frozen reference, and PPO's (its KL penalty); for SFT and unlikelihood with kl_samples > 0,
+    the starting weights that eval/kl is measured against (kl_samples: 0 trains them without that
+    copy). A reward model samples nothing and has none."""
+    if cfg.objective == "reward_model":
+        return False
+    return (cfg.objective in ("dpo", "ppo") and not cfg.reference_free) or cfg.kl_samples > 0
 
 
 def build_training_state(cfg: TrainConfig, rank: int, device, mesh) -> TrainingState:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from data.batches import collate, left_pad
 from data.tokenizer import EOT_ID, decode
-from dpo import PairLogps, concatenated_logps, dpo_loss, span_kl
+from dpo import PairLogps, concatenated_logps, dpo_loss, pair_scores, reward_model_metrics, span_kl
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
 from train.checkpoint import file_fingerprint
@@ -72,6 +72,8 @@ def sample(model, prompts, cfg, device, seed, temperature):
 
 @torch.no_grad()
 def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, world, device):
+    if cfg.objective == "reward_model":
+        return evaluate_reward_model(policy, eval_pairs, cfg, rank, world, device)
     policy.eval()
     metrics = {}
     if eval_pairs:
@@ -94,6 +96,20 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
         metrics |= sampled_metrics(policy, reference, eval_sample_prompts(eval_pairs, cfg.kl_samples), cfg, device)
     policy.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def evaluate_reward_model(model, eval_pairs, cfg, rank, world, device):
+    """The reward model on the held-out pairs: loss, accuracy (the chosen response scored above the
+    rejected one: against the ground-truth ordering, for pairs ranked by a ground-truth reward), margin."""
+    if not eval_pairs:
+        return {}
+    model.eval()
+    scores = map_pairs(eval_pairs, lambda batch: torch.stack(pair_scores(model, batch).chunk(2), dim=-1),
+                       cfg, rank, world, device)  # (N, 2)
+    model.train()
+    chosen, rejected = scores.unbind(-1)
+    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    return {f"eval/{k}": v for k, v in reward_model_metrics(loss, chosen, rejected).items()}
 
 
 def sampled_metrics(policy, reference, prompts, cfg, device):

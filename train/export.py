@@ -109,28 +109,30 @@ def base_model(init_from: str) -> str | None:
 
 def model_card(cfg: TrainConfig, final_metrics: dict, counts: dict, command: str) -> str:
     base = base_model(cfg.init_from)
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, dpo]"]
+    reward_model = cfg.objective == "reward_model"
+    front = ["---", "library_name: transformers",
+             f"pipeline_tag: {'text-classification' if reward_model else 'text-generation'}", "tags: [gpt2, dpo]"]
     front += [f"base_model: {base}"] if base else []
     started = (f"[{base}](https://huggingface.co/{base})" if base else
                f"a random initialisation ({cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd})"
                if cfg.init_from == "scratch" else f"the local weights `{cfg.init_from}`")
-    objective = ("supervised fine-tuning on the chosen responses (`objective: sft`)" if cfg.objective == "sft" else
-                 "unlikelihood training (`objective: unlikelihood`, the DPO paper's baseline)"
-                 if cfg.objective == "unlikelihood" else
-                 "Direct Preference Optimization ([Rafailov et al. 2023](https://arxiv.org/abs/2305.18290))")
+    objective = OBJECTIVE_NAMES.get(cfg.objective,
+                                    "Direct Preference Optimization ([Rafailov et al. 2023](https://arxiv.org/abs/2305.18290))")
     rows = [("base model", started), ("data", data_row(cfg, counts)), ("objective", objective_row(cfg)),
             ("steps", steps_row(cfg, final_metrics)),
             ("precision", f"{cfg.precision} (reference model: {reference_precision_name(cfg)})"),
             ("command", f"`{command}`")]
     lines = front + ["---", "", "# GPT-2 trained with gpt2-dpo", "",
                      f"Trained from {started} with {objective}, by gpt2-dpo, a from-scratch DPO trainer for GPT-2 in "
-                     "plain PyTorch. The folder is a transformers model (`GPT2LMHeadModel`) with GPT-2's tokenizer.",
-                     "", "## Use", "", "```python", "from transformers import pipeline", "",
+                     "plain PyTorch. The folder is a transformers model "
+                     f"(`{'GPT2ForSequenceClassification' if reward_model else 'GPT2LMHeadModel'}`) with GPT-2's "
+                     "tokenizer.", "", "## Use", ""] + (REWARD_MODEL_USE if reward_model else [
+                     "```python", "from transformers import pipeline", "",
                      'generate = pipeline("text-generation", model="PATH_OR_REPO_ID")',
                      'print(generate("Honestly, the hotel was")[0]["generated_text"])', "```", "",
                      "`generation_config.json` holds the run's sampling settings "
-                     f"({sampling(cfg)}, {cfg.max_new_tokens} new tokens).", "",
-                     "## Training", "", "| | |", "| --- | --- |"]
+                     f"({sampling(cfg)}, {cfg.max_new_tokens} new tokens)."]) + [
+                     "", "## Training", "", "| | |", "| --- | --- |"]
     lines += [f"| {name} | {table_cell(value)} |" for name, value in rows]
     lines += ["", "## Held-out metrics at the end of training", ""] + metrics_table(final_metrics)
     lines += ["", "<details><summary>Every setting of the run (config.yaml)</summary>", "", "```yaml",
@@ -139,6 +141,22 @@ def model_card(cfg: TrainConfig, final_metrics: dict, counts: dict, command: str
               "under OpenAI's modified MIT licence."
               + (f" The weights derive from {base}; see its licence." if base else ""), ""]
     return "\n".join(lines)
+
+
+OBJECTIVE_NAMES = {
+    "sft": "supervised fine-tuning on the chosen responses (`objective: sft`)",
+    "unlikelihood": "unlikelihood training (`objective: unlikelihood`, the DPO paper's baseline)",
+    "reward_model": "a Bradley-Terry reward model of the preference pairs (`objective: reward_model`)",
+    "ppo": "PPO against a reward, with a KL penalty towards the starting model (`ppo_train.py`)",
+}
+REWARD_MODEL_USE = [
+    "```python", "import torch", "from transformers import AutoTokenizer, GPT2ForSequenceClassification", "",
+    'tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO_ID")',
+    'model = GPT2ForSequenceClassification.from_pretrained("PATH_OR_REPO_ID")',
+    'ids = tokenizer("Honestly, the hotel was lovely", return_tensors="pt").input_ids',
+    "print(model(ids).logits[0, 0])  # the reward: higher is preferred", "```", "",
+    "The score is read at the last token that is not `<|endoftext|>` (the pad token), as in training; gpt2-dpo "
+    "uses the folder as a reward with `reward: rm:PATH`."]
 
 
 def table_cell(text: str) -> str:
@@ -160,6 +178,14 @@ def data_row(cfg: TrainConfig, counts: dict) -> str:
 
 
 def objective_row(cfg: TrainConfig) -> str:
+    if cfg.objective == "reward_model":
+        return "reward_model: -log sigmoid(r(x, chosen) - r(x, rejected)), r read at the last response token"
+    if cfg.objective == "ppo":
+        return (f"ppo on reward `{cfg.reward}`: KL coefficient {cfg.kl_coef}"
+                + (f" adapted towards a KL of {cfg.target_kl}" if cfg.target_kl else " (fixed)")
+                + f", {cfg.ppo_epochs} epochs of mini-batches of {cfg.mini_batch_size} per rollout batch, "
+                  f"GAE gamma {cfg.gamma} lambda {cfg.lam}, clip {cfg.cliprange}, value clip {cfg.cliprange_value}, "
+                  f"value-loss weight {cfg.vf_coef}")
     if cfg.objective == "sft":
         return "sft (maximum likelihood of the chosen responses)"
     if cfg.objective == "unlikelihood":

@@ -4,12 +4,14 @@ sentiment experiment (Sec. 6.1, App. C.1) ranks samples with and plots on Figure
     reward = load_reward("vader")                       # offline: VADER's lexicon, compound score in [-1, 1]
     reward = load_reward("hf:siebert/sentiment-roberta-large-english")   # P(positive), in [0, 1]
     reward = load_reward("hf_logit:lvwerra/distilbert-imdb")             # the positive-class logit
+    reward = load_reward("rm:out/rm/final")             # a reward model trained here (objective: reward_model)
     scores = reward.score(prompts, continuations)       # one float per continuation
 
-Only the continuation is scored, not the prompt: the prompt is the same for the policy and the
-reference, and a strongly worded prompt would otherwise dominate every sample's score.
+A ground truth scores the continuation only, not the prompt: the prompt is the same for the policy and
+the reference, and a strongly worded prompt would otherwise dominate every sample's score. A reward
+model (rm:) scores prompt + continuation, as it was trained on the pairs.
 
-Both backends are optional extras (`pip install -e ".[reward]"` for VADER; transformers for a
+vader and hf are optional extras (`pip install -e ".[reward]"` for VADER; transformers for a
 classifier), imported on first use with a message saying what to install. A classifier is loaded
 from safetensors only (use_safetensors=True) and never runs code from its repository, so loading
 one unpickles and executes nothing.
@@ -19,11 +21,13 @@ import json
 import os
 
 from errors import ConfigError
-from gpt2 import hub_snapshot, looks_like_a_path
+from gpt2 import (WeightsError, hub_snapshot, last_token_index, looks_like_a_path, read_hf_config,
+                  resolve_checkpoint_dir, weight_files)
 
 SPEC_HELP = ("vader (offline sentiment lexicon; pip install vaderSentiment), hf:<hub id or directory> "
              "(a text-classification model's positive-class probability; needs transformers), "
-             "hf_logit:<hub id or directory> (its positive-class logit)")
+             "hf_logit:<hub id or directory> (its positive-class logit), rm:<directory> (a reward model trained "
+             "by fsdp_train.py with objective reward_model: its final/ folder; needs nothing more)")
 
 
 def check_reward_spec(spec: str):
@@ -33,6 +37,8 @@ def check_reward_spec(spec: str):
         package, extra = "vaderSentiment", 'pip install vaderSentiment (or pip install -e ".[reward]")'
     elif backend in ("hf", "hf_logit") and model:
         package, extra = "transformers", "pip install transformers"
+    elif backend == "rm" and model:
+        return
     else:
         raise ConfigError(f"reward={spec!r}: expected {SPEC_HELP}")
     if importlib.util.find_spec(package) is None:
@@ -50,6 +56,8 @@ def fetch_reward(spec: str) -> str:
     backend, _, model = spec.partition(":")
     if backend == "vader":
         return model
+    if backend == "rm":
+        return check_reward_model_dir(model, spec)
     if os.path.isdir(model):
         return check_classifier_dir(model, spec)
     if looks_like_a_path(model):
@@ -80,11 +88,30 @@ def check_classifier_dir(path, spec) -> str:
     return path
 
 
+def check_reward_model_dir(path, spec) -> str:
+    """rm:<dir>: a GPT-2 reward model folder (config.json naming GPT2ForSequenceClassification with one
+    label, safetensors weights), checked before any work."""
+    try:
+        config_path = os.path.join(resolve_checkpoint_dir(path), "config.json")
+        read_hf_config(os.path.dirname(config_path))
+        weight_files(os.path.dirname(config_path))
+        with open(config_path, "rb") as f:
+            config = json.loads(f.read())
+    except (WeightsError, OSError, ValueError) as err:
+        raise ConfigError(f"reward={spec}: {err}") from None
+    if config.get("architectures") != ["GPT2ForSequenceClassification"] or config.get("num_labels", 1) != 1:
+        raise ConfigError(f"reward={spec}: {config_path} is not a one-label GPT2ForSequenceClassification (a reward "
+                          "model trained with objective: reward_model; its final/ folder)")
+    return path
+
+
 def load_reward(spec: str, device="cpu"):
     check_reward_spec(spec)
     backend, _, model = spec.partition(":")
     if backend == "vader":
         return VaderReward()
+    if backend == "rm":
+        return RewardModel(check_reward_model_dir(model, spec), device)
     model = fetch_reward(spec)  # the cached snapshot's directory, or the directory given
     return ClassifierReward(model, device, as_logit=backend == "hf_logit")
 
@@ -131,6 +158,32 @@ class ClassifierReward:
                 logits = self.model(**inputs).logits.float()
             column = logits[:, self.positive] if self.as_logit else logits.softmax(-1)[:, self.positive]
             scores += column.tolist()
+        return scores
+
+
+class RewardModel:
+    """A reward model trained here (objective: reward_model), run by gpt2.py: no transformers. Score: its
+    scalar head on prompt + continuation (each tokenized as the pairs were), read where training read
+    it (gpt2.last_token_index); a row longer than the model's positions keeps its last tokens."""
+
+    def __init__(self, path, device="cpu", batch_size=32):
+        import torch
+        from gpt2 import GPT
+        self.torch, self.device, self.batch_size = torch, device, batch_size
+        self.model = GPT.from_pretrained(path, device=device, score_head=True)
+
+    def score(self, prompts, continuations) -> list[float]:
+        from data.batches import right_pad
+        from data.tokenizer import encode
+        limit = self.model.config.n_positions
+        rows = [(encode(p) + encode(c))[-limit:] for p, c in zip(prompts, continuations)]
+        scores = []
+        for start in range(0, len(rows), self.batch_size):
+            input_ids = right_pad(rows[start:start + self.batch_size]).to(self.device)
+            read_at = self.torch.arange(len(input_ids), device=self.device) * input_ids.size(1) + \
+                last_token_index(input_ids)
+            with self.torch.no_grad():
+                scores += self.model(input_ids, logits_at=read_at, head="score").tolist()
         return scores
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from data.batches import PackedBatch, PairBatch, collate, epoch_order, grouped_epoch_order, rank_slice
-from dpo import concatenated_logps, dpo_loss, sft_loss, unlikelihood_loss
+from dpo import concatenated_logps, dpo_loss, reward_model_loss, sft_loss, unlikelihood_loss
 from errors import TrainingStopped
 from train import checkpoint
 from train.config import logps_average, shares_prompt
@@ -24,6 +24,8 @@ def batch_loss(policy, reference, batch: PairBatch | PackedBatch, cfg, reference
         return sft_loss(policy, batch)
     if cfg.objective == "unlikelihood":  # the paper's baseline: likelihood of y_w, unlikelihood of y_l
         return unlikelihood_loss(policy, batch, cfg.unlikelihood_alpha)
+    if cfg.objective == "reward_model":  # Bradley-Terry on the score head
+        return reward_model_loss(policy, batch)
     policy_logps = concatenated_logps(policy, batch)
     if cfg.reference_free:
         reference_chosen = reference_rejected = None
