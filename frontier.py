@@ -12,13 +12,20 @@ Stages, each a directory or file under out_dir; a relaunch goes on from what is 
                    unlikelihood_alpha_*_seed_*/ the paper's unlikelihood baseline, one run per α
                    preferred_ft_seed_*/         the paper's preferred-FT baseline: SFT on each prompt's
                                                 best completion
+                   reward_model_seed_*/         a reward model of the pairs (fsdp_train.py, objective
+                                                reward_model); its held-out accuracy is against the
+                                                ground-truth ordering
+                   ppo_rm_kl_*_seed_*/          PPO (ppo_train.py) on that reward model, one run per
+                                                target KL
+                   ppo_gt_kl_*_seed_*/          PPO-GT: the same on the ground-truth reward
   4. frontier.json and frontier.png: each run's held-out reward (eval/reward) against its sequence-
      level KL(π || π_ref) (eval/kl, the sum of per-position KLs), every eval_every steps, on held-out
      prompts split by the run's seed; each method's mean over seeds with the standard error across
      seeds; the SFT model's reward as the reference; and how many points of the other methods a
      DPO point dominates (at least their reward at no more KL).
 
-Every run is fsdp_train.py in this process, with the config's `trainer` options plus its stage's;
+Every run is fsdp_train.py (ppo_train.py for PPO) in this process, with the config's `trainer` options
+plus its stage's;
 its own out_dir holds its metrics.jsonl, samples.md and final/ as usual, and a relaunch resumes it
 (or refuses, if its options or data changed: the trainer's run identity). One frontier per out_dir.
 """
@@ -36,6 +43,7 @@ import sys
 from data.demo import demo_texts
 from errors import ConfigError, InputError, Preempted, exit_code_of
 import fsdp_train
+import ppo_train
 from generate_pairs import check_generation_options, generate_pairs, read_prompts, write_jsonl
 from gpt2 import GPT
 from train.config import parse_args, read_yaml, shortened
@@ -57,6 +65,9 @@ class FrontierConfig:
     preferred_ft: dict | None  # options of the preferred-FT run, or None for no baseline
     unlikelihood: dict | None  # options of every unlikelihood run, or None for no such baseline
     alphas: list            # one unlikelihood run per α (the paper: 0.05, 0.1, 0.5, 1)
+    reward_model: dict | None  # fsdp_train options of the reward model (objective reward_model), or None: no PPO
+    ppo: dict | None        # ppo_train options of every PPO and PPO-GT run, or None for neither
+    target_kls: list        # one PPO and one PPO-GT run per target KL (the paper: 3, 6, 9, 12)
     seeds: list             # every run above once per seed (the trainer's seed: split, order, samples)
 
 
@@ -64,7 +75,8 @@ def read_config(path) -> FrontierConfig:
     raw = read_yaml(path)
     fields = {f.name for f in dataclasses.fields(FrontierConfig)}
     defaults = {"sft": None, "preferred_ft": None, "betas": [0.05, 0.1, 1.0, 5.0], "generation": {}, "dpo": {},
-                "unlikelihood": None, "alphas": [0.05, 0.1, 0.5, 1.0], "seeds": [0]}
+                "unlikelihood": None, "alphas": [0.05, 0.1, 0.5, 1.0], "seeds": [0], "reward_model": None,
+                "ppo": None, "target_kls": [3.0, 6.0, 9.0, 12.0]}
     if not isinstance(raw, dict) or set(raw) - fields or fields - set(raw) - set(defaults):
         raise ConfigError(f"{path}: expected the keys {sorted(fields)} ({sorted(defaults)} optional)")
     cfg = FrontierConfig(**(defaults | raw))
@@ -75,9 +87,10 @@ def read_config(path) -> FrontierConfig:
 def check_frontier_config(cfg: FrontierConfig, path):
     """Everything a stage would refuse later, refused now in one line naming the file: the sections'
     types, the generation options, the β list, every run's trainer options, the prompts, the reward."""
-    for name in ("trainer", "generation", "dpo", "sft", "preferred_ft", "unlikelihood"):
+    optional = ("sft", "preferred_ft", "unlikelihood", "reward_model", "ppo")
+    for name in ("trainer", "generation", "dpo") + optional:
         value = getattr(cfg, name)
-        if not isinstance(value, dict) and not (value is None and name in ("sft", "preferred_ft", "unlikelihood")):
+        if not isinstance(value, dict) and not (value is None and name in optional):
             raise ConfigError(f"{path}: {name} must be a mapping of options, got {type(value).__name__}")
     if not isinstance(cfg.out_dir, str) or not cfg.out_dir:
         raise ConfigError(f"{path}: out_dir must name a directory")
@@ -92,7 +105,9 @@ def check_frontier_config(cfg: FrontierConfig, path):
         check_generation_options(**cfg.generation)
     except InputError as err:
         raise ConfigError(f"{path}: generation: {err}") from None
-    for name in ("betas", "alphas"):
+    if (cfg.ppo is None) != (cfg.reward_model is None):
+        raise ConfigError(f"{path}: ppo and reward_model go together (PPO runs on the reward model; PPO-GT beside it)")
+    for name in ("betas", "alphas", "target_kls"):
         values = getattr(cfg, name)
         if not (isinstance(values, list) and values and all(
                 type(v) in (int, float) and 0 < v < float("inf") for v in values)):
@@ -100,10 +115,11 @@ def check_frontier_config(cfg: FrontierConfig, path):
     if not (isinstance(cfg.seeds, list) and cfg.seeds and len(set(cfg.seeds)) == len(cfg.seeds)
             and all(type(seed) is int and seed >= 0 for seed in cfg.seeds)):
         raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0, got {shortened(cfg.seeds)}")
-    stages = [{"objective": "sft", "sft_on": "all"} | (cfg.sft or {})]
-    stages += [run["options"] for run in planned_runs(cfg, "pairs.jsonl", "best.jsonl")]
-    for options in stages:  # the trainer's own checks, with the demo set standing in for pairs not made yet
-        parse_args(as_argv(cfg.trainer | options | {"dataset": "demo", "out_dir": cfg.out_dir}))
+    stages = [(fsdp_train, {"objective": "sft", "sft_on": "all"} | (cfg.sft or {}))]
+    stages += [(run["job"], run["options"]) for run in planned_runs(cfg, "pairs.jsonl", "best.jsonl")]
+    for job, options in stages:  # the trainer's own checks, with the demo set standing in for pairs not made yet
+        parse_args(as_argv(cfg.trainer | options | {"dataset": "demo", "out_dir": cfg.out_dir}),
+                   prog=f"{job.__name__}.py")
     prompt_texts(cfg)
     fetch_reward(cfg.trainer["reward"])  # its form, its package, and a classifier's files, before any stage
 
@@ -117,12 +133,12 @@ def stop_between_stages(signum, frame):
                             "command to go on")
 
 
-def train(cfg: FrontierConfig, name, options, log):
-    """One fsdp_train run in out_dir/name (resumed or left alone if it is already there)."""
+def train(cfg: FrontierConfig, name, options, log, job=fsdp_train):
+    """One run of job (fsdp_train, or ppo_train) in out_dir/name (resumed or left alone if it is already there)."""
     argv = as_argv(cfg.trainer | options | {"out_dir": os.path.join(cfg.out_dir, name)})
-    log(f"== {name}: python fsdp_train.py {' '.join(argv)}")
+    log(f"== {name}: python {job.__name__}.py {' '.join(argv)}")
     stop_requests = StopRequests()
-    exit_code = fsdp_train.run(argv, stop_requests)
+    exit_code = job.run(argv, stop_requests)
     if exit_code == 2:
         raise ConfigError(f"the {name} run stopped on bad input (the error above)")
     if exit_code > 128:  # SIGTERM/SIGINT: the run saved a checkpoint
@@ -204,33 +220,51 @@ def check_made_from(paths, made_from):
 
 def planned_runs(cfg, pairs_path, best_path) -> list[dict]:
     """Every training run of the frontier, per seed: DPO at each β and unlikelihood at each α on the
-    pairs, preferred-FT on each prompt's best sample. Each: method, beta, alpha, seed, name, options."""
+    pairs, preferred-FT on each prompt's best sample, a reward model of the pairs and PPO on it and
+    PPO-GT at each target KL. Each: method, beta, alpha, target_kl, seed, name, options, job (the
+    module whose run() trains it)."""
     runs = []
     for seed in cfg.seeds:
         data = {"dataset": "jsonl", "seed": seed}
+        pairs = data | {"data_path": pairs_path}
         for beta in cfg.betas:
-            runs.append({"method": "dpo", "beta": beta, "alpha": None, "seed": seed, "name": f"dpo_beta_{beta:g}",
-                         "options": data | {"data_path": pairs_path, "objective": "dpo", "beta": beta} | cfg.dpo})
+            runs.append(planned("dpo", seed, f"dpo_beta_{beta:g}", pairs | {"objective": "dpo", "beta": beta} | cfg.dpo,
+                                beta=beta))
         for alpha in cfg.alphas if cfg.unlikelihood is not None else []:
-            runs.append({"method": "unlikelihood", "beta": None, "alpha": alpha, "seed": seed,
-                         "name": f"unlikelihood_alpha_{alpha:g}",
-                         "options": data | {"data_path": pairs_path, "objective": "unlikelihood",
-                                            "unlikelihood_alpha": alpha} | cfg.unlikelihood})
+            runs.append(planned("unlikelihood", seed, f"unlikelihood_alpha_{alpha:g}", pairs | {
+                "objective": "unlikelihood", "unlikelihood_alpha": alpha} | cfg.unlikelihood, alpha=alpha))
         if cfg.preferred_ft is not None:
-            runs.append({"method": "preferred_ft", "beta": None, "alpha": None, "seed": seed, "name": "preferred_ft",
-                         "options": data | {"data_path": best_path, "objective": "sft"} | cfg.preferred_ft})
-    for run in runs:
-        run["name"] += f"_seed_{run['seed']}"
+            runs.append(planned("preferred_ft", seed, "preferred_ft",
+                                data | {"data_path": best_path, "objective": "sft"} | cfg.preferred_ft))
+        if cfg.ppo is not None:
+            runs.append(planned("reward_model", seed, "reward_model", pairs | {
+                "objective": "reward_model", "kl_samples": 0, "n_samples": 0} | cfg.reward_model))
+            reward_model = "rm:" + final_dir(os.path.join(cfg.out_dir, f"reward_model_seed_{seed}"))
+            for target in cfg.target_kls:
+                for method, reward in (("ppo", reward_model), ("ppo_gt", "")):  # "": the ground truth, `reward`
+                    runs.append(planned(method, seed, f"{RUN_NAMES[method]}_kl_{target:g}",
+                                        pairs | {"ppo_reward": reward, "target_kl": target} | cfg.ppo, job=ppo_train,
+                                        target_kl=target))
     return runs
 
 
+RUN_NAMES = {"ppo": "ppo_rm", "ppo_gt": "ppo_gt"}
+
+
+def planned(method, seed, name, options, job=fsdp_train, beta=None, alpha=None, target_kl=None) -> dict:
+    return {"method": method, "beta": beta, "alpha": alpha, "target_kl": target_kl, "seed": seed,
+            "name": f"{name}_seed_{seed}", "options": options, "job": job}
+
+
+SERIES_KEYS = ("method", "beta", "alpha", "target_kl")
+
+
 def runs_stage(cfg, sft_model, pairs_path, best_path, log) -> list[dict]:
-    """Each run's method, beta, alpha, seed and out_dir; the runs are trained on the way."""
+    """Each run's method, beta, alpha, target_kl, seed and out_dir; the runs are trained on the way."""
     runs = []
     for run in planned_runs(cfg, pairs_path, best_path):
-        train(cfg, run["name"], {"init_from": sft_model} | run["options"], log)
-        runs.append({key: run[key] for key in ("method", "beta", "alpha", "seed")}
-                    | {"dir": os.path.join(cfg.out_dir, run["name"])})
+        train(cfg, run["name"], {"init_from": sft_model} | run["options"], log, run["job"])
+        runs.append({key: run[key] for key in SERIES_KEYS + ("seed",)} | {"dir": os.path.join(cfg.out_dir, run["name"])})
     return runs
 
 
@@ -246,23 +280,39 @@ def eval_points(run_dir) -> list[dict]:
 
 
 def frontier(runs) -> dict:
-    """The JSON of Figure 2: every run's points; each series (method and β or α) as the mean over its
-    seeds at each eval step, with the standard error across seeds; the reference's reward (a step-0
-    eval, policy = reference, kl 0) per seed and its mean; and the dominance count."""
+    """The JSON of Figure 2: every run's points; each series (method and β, α or target KL) as the mean
+    over its seeds at each eval step, with the standard error across seeds; the reference's reward (a
+    step-0 eval, policy = reference, kl 0) per seed and its mean; the reward models' held-out accuracy;
+    and the dominance count."""
     result = {"reference": {"per_seed": {}}, "runs": [], "series": []}
     for run in runs:
+        if run["method"] == "reward_model":  # not a point of the figure: what PPO optimised
+            accuracy = reward_model_accuracy(run["dir"])
+            result.setdefault("reward_model", {"per_seed": {}})["per_seed"][str(run["seed"])] = accuracy
+            continue
         points = eval_points(run["dir"])
         if points[0]["step"] == 0:
             result["reference"]["per_seed"].setdefault(str(run["seed"]), points[0]["reward"])
-        result["runs"].append({key: run[key] for key in ("method", "beta", "alpha", "seed")} | {"points": points})
+        result["runs"].append({key: run[key] for key in SERIES_KEYS + ("seed",)} | {"points": points})
     per_seed = list(result["reference"]["per_seed"].values())
     result["reference"]["reward"] = sum(per_seed) / len(per_seed) if per_seed else None
-    for key in dict.fromkeys((r["method"], r["beta"], r["alpha"]) for r in result["runs"]):
-        members = [r for r in result["runs"] if (r["method"], r["beta"], r["alpha"]) == key]
-        result["series"].append(dict(zip(("method", "beta", "alpha"), key))
+    if "reward_model" in result:
+        result["reward_model"]["accuracy"] = statistics.fmean(result["reward_model"]["per_seed"].values())
+    for key in dict.fromkeys(tuple(r[k] for k in SERIES_KEYS) for r in result["runs"]):
+        members = [r for r in result["runs"] if tuple(r[k] for k in SERIES_KEYS) == key]
+        result["series"].append(dict(zip(SERIES_KEYS, key))
                                 | {"seeds": [r["seed"] for r in members], "points": mean_points(members)})
     result["dominance"] = dominance(result["series"])
     return result
+
+
+def reward_model_accuracy(run_dir) -> float:
+    """A reward model's final held-out accuracy: its chosen response scored above the rejected one, on
+    pairs ranked by the ground-truth reward."""
+    lines = [r for r in read_metrics(run_dir) if "eval/rewards/accuracies" in r]
+    if not lines:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has no eval/rewards/accuracies line")
+    return lines[-1]["eval/rewards/accuracies"]
 
 
 def mean_points(members) -> list[dict]:
@@ -298,7 +348,12 @@ def series_label(series) -> str:
         return f"DPO β={series['beta']:g}"
     if series["method"] == "unlikelihood":
         return f"Unlikelihood α={series['alpha']:g}"
+    if series["method"] in ("ppo", "ppo_gt"):
+        return f"{'PPO' if series['method'] == 'ppo' else 'PPO-GT'} target KL={series['target_kl']:g}"
     return "Preferred-FT"
+
+
+STYLES = {"dpo": "o-", "unlikelihood": "s--", "preferred_ft": "^:", "ppo": "d-.", "ppo_gt": "v-."}
 
 
 def plot(result, path):
@@ -311,8 +366,7 @@ def plot(result, path):
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for series in result["series"]:
         points = series["points"]  # in step order: each series' path as training goes on
-        style = "o-" if series["method"] == "dpo" else ("s--" if series["method"] == "unlikelihood" else "^:")
-        ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], fmt=style, ms=3, capsize=2, lw=1,
+        ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], fmt=STYLES[series["method"]], ms=3, capsize=2, lw=1,
                     xerr=[p["kl_stderr"] or 0 for p in points], yerr=[p["reward_stderr"] or 0 for p in points],
                     label=series_label(series))
     if result["reference"]["reward"] is not None:
@@ -373,8 +427,12 @@ def summary(result) -> str:
         return f"{point[name]:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
 
     reference = result["reference"]["reward"]
-    lines = [f"reference (SFT) reward {reference:.3f}" if reference is not None else "",
-             "| run | seeds | final step | KL | reward | best reward (at KL) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"reference (SFT) reward {reference:.3f}" if reference is not None else ""]
+    if "reward_model" in result:
+        lines.append(f"reward model: held-out accuracy against the ground-truth ordering "
+                     f"{result['reward_model']['accuracy']:.3f} (per seed: "
+                     + ", ".join(f"{v:.3f}" for v in result["reward_model"]["per_seed"].values()) + ")")
+    lines += ["| run | seeds | final step | KL | reward | best reward (at KL) |", "| --- | --- | --- | --- | --- | --- |"]
     for series in result["series"]:
         last, best = series["points"][-1], max(series["points"], key=lambda q: q["reward"])
         lines.append(f"| {series_label(series)} | {len(series['seeds'])} | {last['step']} | {value(last, 'kl', 2)} | "

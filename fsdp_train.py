@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from data.batches import check_batch_sizes, data_fingerprint, pairs_of, split_groups, truncate_groups
 from data.formats import load_preferences
 from errors import ConfigError, Preempted, exit_code_of
+from gpt2 import SCORE_HEAD
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
 from train.distributed import build_training_state, check_model_fits, end_process_group, setup_distributed
 from train.evaluation import evaluate, precompute_reference_logps, sample_texts
@@ -103,18 +104,7 @@ def main(argv=None, stop_requests=None):
     cfg = parse_args(argv)
     stop_requests = stop_requests or StopRequests()  # run() installs it as the SIGTERM/SIGINT handler
     train_pairs, eval_pairs, counts, data_sha256 = load_data(cfg)  # before any process group, GPU or file work
-    # Every rank, before the first collective: a hub download (6.4 GB for gpt2-xl) can outlast NCCL's
-    # 10-minute timeout, so no rank waits in a collective meanwhile (the hub cache's locks let one
-    # process download and the others wait for the file). Then its config.json is checked.
-    check_model_fits(cfg)
-    if cfg.reward:
-        fetch_reward(cfg.reward)  # likewise the ground-truth reward's classifier, if it comes from the hub
-    rank, world, device, mesh = setup_distributed(cfg)
-    check_batch_sizes(cfg.batch_size, cfg.micro_batch_size, world)
-    log = log_on_rank0(rank)
-    on_rank0(lock_run_dir, device, f"lock {cfg.out_dir}", cfg.out_dir, log)  # before anything is written
-    on_rank0(check_writable, device, f"write to {cfg.out_dir}", cfg.out_dir)
-    check_shared_out_dir(cfg.out_dir, device)
+    rank, world, device, mesh, log = start_job(cfg, cfg.batch_size)
     log(f"data: {json.dumps(counts)}")
 
     if cfg.sft_steps and cfg.objective == "dpo":
@@ -142,14 +132,8 @@ def main(argv=None, stop_requests=None):
             state.reference, train_pairs, eval_pairs, cfg, rank, world, device, identity)
         state.reference = None  # freed: the reference model is not held during training
         stop_if_asked(stop_requests, device, "the reference's log-probs (cached in out_dir)")
-    sample_prompts = sample_prompts_of(eval_pairs, cfg)
-    if sample_prompts and step == 0:  # the policy still equals the reference here
-        before, before_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
-        on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before, before_rewards)
-    if step == 0 and eval_pairs:  # the starting point of the eval curves (rewards are all 0 here)
-        line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                                 cfg, rank, world, device))
-        log(format_log_line("eval", line))
+    sample_prompts = first_samples_and_eval(cfg, state, step, eval_pairs, reference_eval_logps, metrics_log,
+                                            rank, world, device, log)
     stop_if_asked(stop_requests, device, "the first samples and eval")
 
     log(f"training: {max(0, last_step - step)} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
@@ -181,8 +165,48 @@ def main(argv=None, stop_requests=None):
         if step != last_step and stop_signal:  # received before this step's check, on any rank
             stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, stop_signal)
 
-    # The end: the final eval and the last checkpoint, then what is made from them (samples.md, final/),
-    # which a relaunch after a crash here makes again from that checkpoint (start_or_resume).
+    finish(cfg, state, step, step_start, steps_per_epoch, identity, eval_pairs, reference_eval_logps, sample_prompts,
+           metrics_log, counts, sys.argv[1:] if argv is None else argv, rank, world, device, log)
+
+
+def first_samples_and_eval(cfg, state, step, eval_pairs, reference_eval_logps, metrics_log, rank, world, device, log):
+    """At step 0, where the policy still equals the reference: the "before" samples and the first
+    point of the eval curves. Returns the prompts of the sample table."""
+    sample_prompts = sample_prompts_of(eval_pairs, cfg)
+    if sample_prompts and step == 0:
+        before, before_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
+        on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before, before_rewards)
+    if step == 0 and eval_pairs:
+        line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
+                                                 cfg, rank, world, device))
+        log(format_log_line("eval", line))
+    return sample_prompts
+
+
+def start_job(cfg, batch_size, batch_size_name="batch_size"):
+    """Every rank, before the first collective: the starting weights and the reward fetched (a hub
+    download of 6.4 GB for gpt2-xl can outlast NCCL's 10-minute timeout, so no rank waits in a
+    collective meanwhile; the hub cache's locks let one process download and the others wait for
+    the file), and the weights' config.json checked. Then the process group, and the run directory
+    locked and checked, before anything is written. batch_size: what is cut into micro-batches over
+    the ranks (pairs; PPO's mini-batch of rollouts). -> (rank, world, device, mesh, log)."""
+    check_model_fits(cfg)
+    for reward in dict.fromkeys(r for r in (cfg.reward, cfg.ppo_reward) if r):
+        fetch_reward(reward)
+    rank, world, device, mesh = setup_distributed(cfg)
+    check_batch_sizes(batch_size, cfg.micro_batch_size, world, batch_size_name)
+    log = log_on_rank0(rank)
+    on_rank0(lock_run_dir, device, f"lock {cfg.out_dir}", cfg.out_dir, log)  # before anything is written
+    on_rank0(check_writable, device, f"write to {cfg.out_dir}", cfg.out_dir)
+    check_shared_out_dir(cfg.out_dir, device)
+    return rank, world, device, mesh, log
+
+
+def finish(cfg, state, step, step_start, steps_per_epoch, identity, eval_pairs, reference_eval_logps, sample_prompts,
+           metrics_log, counts, argv, rank, world, device, log):
+    """The end of a run (DPO's, PPO's): the final eval and the last checkpoint, then what is made from
+    them (samples.md, final/), which a relaunch after a crash here makes again from that checkpoint
+    (start_or_resume)."""
     line = None if step > step_start else on_rank0(recorded_final_eval, device, "read metrics.jsonl", cfg.out_dir, step)
     if line is None:
         line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
@@ -193,7 +217,7 @@ def main(argv=None, stop_requests=None):
     if sample_prompts:
         after, after_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
         on_rank0(write_samples_table, device, "write samples.md", cfg, sample_prompts, after, log, after_rewards)
-    export(cfg, state, step, device, log, line, counts, sys.argv[1:] if argv is None else argv)
+    export(cfg, state, step, device, log, line, counts, argv)
     metrics_log.close()
     dist.barrier()
 
@@ -218,13 +242,17 @@ def export(cfg, state, step, device, log, final_metrics, counts, argv):
     final = final_dir(cfg.out_dir)
     log(f"exporting {final} (step {step})")
     full = get_model_state_dict(state.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    prog = "fsdp_train.py"
+    if cfg.objective == "ppo":  # its value head is training machinery: the export is the policy, a language model
+        full.pop(SCORE_HEAD, None)  # (rank 0 alone holds the full state dict)
+        prog = "ppo_train.py"
     on_rank0(write_export, device, f"export {final}", final, step, state.config, full, cfg, final_metrics, counts,
-             training_command(argv))
+             training_command(argv, prog))
     log(f"exported {final} (a transformers model folder with its tokenizer and model card); metrics in "
         f"{metrics_file(cfg.out_dir)}")
 
 
-def run(argv=None, stop_requests=None) -> int:
+def run(argv=None, stop_requests=None, job=None) -> int:
     """The error boundary (errors.exit_code_of). Bad input (a config value, a data file, weights, a
     checkpoint, a run directory in use): one line that names what and where, exit 2. A run stopped
     on purpose (non-finite losses or weights): one line, exit 1. SIGTERM/SIGINT: a checkpoint, one
@@ -232,13 +260,13 @@ def run(argv=None, stop_requests=None) -> int:
     with its traceback (exit 1). On every path the process group is destroyed after main's FSDP
     state is freed, the run directory's lock released and the signal handlers restored.
     stop_requests: for a caller that runs several jobs (frontier.py), to see afterwards whether a
-    signal came while this one was finishing."""
+    signal came while this one was finishing. job: the main to run (default this file's; ppo_train.py's)."""
     warnings.filterwarnings("ignore", message=".*TypedStorage.*")
     stop_requests = stop_requests or StopRequests()
     stop_requests.install()
     locked_before = len(held_run_dirs())  # a caller's own (frontier.py's directory) stays locked
     try:
-        return exit_code_of(main, argv, stop_requests)
+        return exit_code_of(job or main, argv, stop_requests)
     finally:
         end_process_group()  # main's FSDP modules freed first: its threads are joined here, not at exit
         unlock_run_dirs(keep=locked_before)

@@ -29,10 +29,11 @@ def check_eval_fraction(eval_fraction: float):
         raise ConfigError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
 
 
-def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int):
-    """Each rank takes batch_size / world_size pairs of a global batch, in micro-batches."""
+def check_batch_sizes(batch_size: int, micro_batch_size: int, world_size: int, name="batch_size"):
+    """Each rank takes batch_size / world_size pairs of a global batch, in micro-batches (name: the
+    option that holds batch_size; PPO's mini_batch_size)."""
     if batch_size % (micro_batch_size * world_size):
-        raise ConfigError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size}) "
+        raise ConfigError(f"{name} ({batch_size}) must be a multiple of micro_batch_size ({micro_batch_size}) "
                           f"x world size ({world_size})")
 
 

@@ -139,11 +139,17 @@ def test_series_are_means_over_seeds_with_their_standard_errors_and_dominance_is
     at no more KL; the reference is each seed's step-0 reward."""
     runs = []
     for seed, shift in ((0, 0.0), (1, 0.2)):
-        runs.append({"method": "dpo", "beta": 0.1, "alpha": None, "seed": seed, "dir": write_run(
+        runs.append({"method": "dpo", "beta": 0.1, "alpha": None, "target_kl": None, "seed": seed, "dir": write_run(
             tmp_path / f"dpo_{seed}", [(0, 0.0, 0.1 + shift), (10, 1.0 + shift, 0.5 + shift), (20, 2.0, 0.9)])})
-        runs.append({"method": "unlikelihood", "beta": None, "alpha": 0.5, "seed": seed, "dir": write_run(
-            tmp_path / f"ul_{seed}", [(0, 0.0, 0.1 + shift), (10, 1.5, 0.6), (20, 0.5, 0.95)])})
+        runs.append({"method": "unlikelihood", "beta": None, "alpha": 0.5, "target_kl": None, "seed": seed,
+                     "dir": write_run(tmp_path / f"ul_{seed}", [(0, 0.0, 0.1 + shift), (10, 1.5, 0.6), (20, 0.5, 0.95)])})
+        (tmp_path / f"rm_{seed}").mkdir()  # a reward model: its held-out accuracy, no point of the figure
+        (tmp_path / f"rm_{seed}" / "metrics.jsonl").write_text(json.dumps(
+            {"step": 20, "eval/rewards/accuracies": 0.8 + shift / 2}) + "\n")
+        runs.append({"method": "reward_model", "beta": None, "alpha": None, "target_kl": None, "seed": seed,
+                     "dir": tmp_path / f"rm_{seed}"})
     result = frontier.frontier(runs)
+    assert result["reward_model"] == {"per_seed": {"0": 0.8, "1": 0.9}, "accuracy": pytest.approx(0.85)}
     assert result["reference"] == {"per_seed": {"0": 0.1, "1": pytest.approx(0.3)}, "reward": pytest.approx(0.2)}
     dpo, unlikelihood = result["series"]
     assert (dpo["method"], dpo["beta"], dpo["seeds"]) == ("dpo", 0.1, [0, 1])
@@ -159,6 +165,7 @@ def test_series_are_means_over_seeds_with_their_standard_errors_and_dominance_is
     summary = frontier.summary(result)
     assert "| DPO β=0.1 | 2 | 20 | 2.00 ± 0.00 | 0.900 ± 0.000 |" in summary
     assert "dominance: 1 of 2 points" in summary
+    assert "reward model: held-out accuracy against the ground-truth ordering 0.850" in summary
 
 
 def test_a_second_frontier_on_a_directory_in_use_is_refused(tmp_path, capsys):

@@ -330,9 +330,10 @@ def test_demo_config_learns(demo_run):
 
 def test_frontier_command_on_the_demos_sft_model(demo_run, tmp_path):
     """frontier.py end to end, small: pairs sampled from the demo's SFT model and ranked by VADER, one
-    DPO run, one unlikelihood run and the preferred-FT baseline, evaluated on the same held-out
-    prompts; the JSON has the documented shape, and DPO's reward rises above the SFT model's (the
-    reference's). A relaunch with other generation options is refused before anything is redone."""
+    DPO run, one unlikelihood run, the preferred-FT baseline, a reward model and PPO on it and PPO-GT
+    at one target KL, evaluated on the same held-out prompts; the JSON has the documented shape, and
+    DPO's reward rises above the SFT model's (the reference's). A relaunch with other generation
+    options is refused before anything is redone."""
     import frontier
     import yaml
     from errors import exit_code_of
@@ -341,24 +342,29 @@ def test_frontier_command_on_the_demos_sft_model(demo_run, tmp_path):
                           "n_samples": 0, "log_every": 3}
     config |= {"sft": None, "betas": [0.5], "dpo": {"lr": 3e-4, "max_steps": 6}, "alphas": [0.5],
                "unlikelihood": {"lr": 3e-4, "max_steps": 3}, "preferred_ft": {"lr": 3e-4, "max_steps": 3},
+               "reward_model": {"lr": 2e-3, "max_steps": 3}, "target_kls": [1.0],
+               "ppo": config["ppo"] | {"max_steps": 1, "batch_size": 16, "ppo_epochs": 1},
                "seeds": [0], "generation": config["generation"] | {"k": 3}}
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
     argv = [f"--config_file={tmp_path / 'frontier.yaml'}", f"--out_dir={tmp_path / 'out'}"]
     with contextlib.redirect_stdout(io.StringIO()) as stdout:
         frontier.main(argv)
     result = json.loads((tmp_path / "out" / "frontier.json").read_text())
-    assert set(result) == {"reference", "runs", "series", "dominance"}
+    assert set(result) == {"reference", "runs", "series", "dominance", "reward_model"}
+    assert 0 <= result["reward_model"]["accuracy"] <= 1 and list(result["reward_model"]["per_seed"]) == ["0"]
     reference = result["reference"]["reward"]
     assert result["reference"] == {"per_seed": {"0": reference}, "reward": reference}
-    assert [(r["method"], r["beta"], r["alpha"], r["seed"]) for r in result["runs"]] == [
-        ("dpo", 0.5, None, 0), ("unlikelihood", None, 0.5, 0), ("preferred_ft", None, None, 0)]
+    assert [(r["method"], r["beta"], r["alpha"], r["target_kl"], r["seed"]) for r in result["runs"]] == [
+        ("dpo", 0.5, None, None, 0), ("unlikelihood", None, 0.5, None, 0), ("preferred_ft", None, None, None, 0),
+        ("ppo", None, None, 1.0, 0), ("ppo_gt", None, None, 1.0, 0)]
     for run, series in zip(result["runs"], result["series"]):
-        assert [p["step"] for p in run["points"]] == ([0, 3, 6] if run["method"] == "dpo" else [0, 3]), run
+        last = {"dpo": 6, "ppo": 1, "ppo_gt": 1}.get(run["method"], 3)
+        assert [p["step"] for p in run["points"]] == ([0, 3, 6] if last == 6 else [0, last]), run
         assert all(set(p) == {"step", "kl", "reward"} for p in run["points"])
         assert run["points"][0]["kl"] == 0.0 and run["points"][0]["reward"] == reference
         assert series["seeds"] == [0] and all(p["kl_stderr"] is None for p in series["points"])  # one seed
         assert [(p["kl"], p["reward"]) for p in series["points"]] == [(p["kl"], p["reward"]) for p in run["points"]]
-    assert result["dominance"]["of"] == 2  # the unlikelihood and preferred-FT points at step 3
+    assert result["dominance"]["of"] == 4  # the unlikelihood and preferred-FT points at step 3, PPO's at 1
     dpo = result["runs"][0]["points"]
     assert dpo[-1]["reward"] > reference and dpo[-1]["kl"] > 0, (dpo, stdout.getvalue()[-2000:])
     pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]

@@ -84,6 +84,9 @@ class TrainConfig:
     precompute_reference: bool = option(False, "compute the reference log-probs of every pair once before "
                                         "training, cache them in out_dir, and hold no reference model")
     # --- PPO (ppo_train.py): batch_size prompts per rollout batch, each sampled once (temperature 1)
+    ppo_reward: str = option("", "ppo: the reward PPO maximises: '' for `reward` itself (PPO-GT, the ground truth), or "
+                             "another spec, typically a reward model trained here (rm:out/rm/final); eval/reward "
+                             "stays `reward`'s", identity=True)
     ppo_epochs: int = option(4, "ppo: passes over each rollout batch", identity=True)
     mini_batch_size: int = option(16, "ppo: rollouts per optimizer step, over all ranks (batch_size / mini_batch_size "
                                   "steps per pass)", identity=True)
@@ -355,10 +358,12 @@ def check_objective(cfg: TrainConfig, prog):
     if (cfg.objective == "ppo") != (prog == "ppo_train.py"):
         raise ConfigError(f"objective={cfg.objective} is trained by "
                           f"{'ppo_train.py' if cfg.objective == 'ppo' else 'fsdp_train.py'}, not {prog}")
+    if cfg.ppo_reward:
+        check_reward_spec(cfg.ppo_reward)
     if cfg.objective == "ppo":
-        if not cfg.reward:
-            raise ConfigError("objective=ppo needs a reward to optimise: reward=" + SPEC_HELP)
-        check_batch_sizes(cfg.mini_batch_size, cfg.micro_batch_size, world_size=1)
+        if not (cfg.ppo_reward or cfg.reward):
+            raise ConfigError("objective=ppo needs a reward to optimise: ppo_reward or reward=" + SPEC_HELP)
+        check_batch_sizes(cfg.mini_batch_size, cfg.micro_batch_size, world_size=1, name="mini_batch_size")
         if cfg.batch_size % cfg.mini_batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size} (rollouts per batch) is not a multiple of "
                               f"mini_batch_size={cfg.mini_batch_size}")

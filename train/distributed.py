@@ -204,6 +204,8 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scaler: LossScaler
     weights_sha256: str  # of the starting weights: part of the run's identity and the reference cache's key
+    extra: dict = dataclasses.field(default_factory=dict)  # what a job's checkpoints keep besides the tensors and
+    #                                                        the step (PPO's KL coefficient and score statistics)
 
 
 def needs_reference_model(cfg: TrainConfig) -> bool:

@@ -146,11 +146,12 @@ _reward_models = {}  # spec -> loaded reward model (rank 0 holds them; loading a
 
 def reward_of(cfg, prompts, continuations, device) -> list[float]:
     """Collective: the ground-truth reward (cfg.reward) of each continuation, scored on rank 0."""
-    return on_rank0(_score, device, f"score samples with reward={cfg.reward}", cfg.reward,
+    return on_rank0(score_texts, device, f"score samples with reward={cfg.reward}", cfg.reward,
                     [decode(p) for p in prompts], continuations, str(device))
 
 
-def _score(spec, prompts, continuations, device):
+def score_texts(spec, prompts, continuations, device):
+    """This process's reward model of `spec` (loaded once), scoring continuations of the prompts."""
     from train.reward import load_reward  # transformers or vaderSentiment: optional extras, loaded on first use
     if spec not in _reward_models:
         _reward_models[spec] = load_reward(spec, device=device)

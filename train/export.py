@@ -181,7 +181,7 @@ def objective_row(cfg: TrainConfig) -> str:
     if cfg.objective == "reward_model":
         return "reward_model: -log sigmoid(r(x, chosen) - r(x, rejected)), r read at the last response token"
     if cfg.objective == "ppo":
-        return (f"ppo on reward `{cfg.reward}`: KL coefficient {cfg.kl_coef}"
+        return (f"ppo on reward `{cfg.ppo_reward or cfg.reward}`: KL coefficient {cfg.kl_coef}"
                 + (f" adapted towards a KL of {cfg.target_kl}" if cfg.target_kl else " (fixed)")
                 + f", {cfg.ppo_epochs} epochs of mini-batches of {cfg.mini_batch_size} per rollout batch, "
                   f"GAE gamma {cfg.gamma} lambda {cfg.lam}, clip {cfg.cliprange}, value clip {cfg.cliprange_value}, "
@@ -215,10 +215,10 @@ def metrics_table(final_metrics: dict) -> list[str]:
     return ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v:.4f} |" for k, v in values.items()] + ["", note]
 
 
-def training_command(argv) -> str:
+def training_command(argv, prog="fsdp_train.py") -> str:
     """The command line as python or torchrun ran it (torchrun's own options are read back from the
     environment it gives its workers)."""
-    args = shlex.join(["fsdp_train.py", *argv])
+    args = shlex.join([prog, *argv])
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return f"python {args}"
     return (f"torchrun --nnodes {os.environ.get('GROUP_WORLD_SIZE', '?')} "

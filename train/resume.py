@@ -80,7 +80,7 @@ def save_state(out_dir, step, state, identity, keep, device, locked_dir, **extra
     on_rank0(check_lock_held, device, f"check {locked_dir}/.lock", locked_dir)
     return checkpoint.save_checkpoint(out_dir, step, state.policy, state.optimizer, {
         "step": step, "loss_scale": state.scaler.scale, "good_steps": state.scaler.good_steps, "identity": identity,
-        **extra}, keep, device)
+        **state.extra, **extra}, keep, device)
 
 
 def load_state(path, state, device) -> int:
@@ -88,6 +88,7 @@ def load_state(path, state, device) -> int:
     on_rank0(checkpoint.verify_checkpoint, device, f"verify {path}", path)
     train_state = checkpoint.load_checkpoint(path, state.policy, state.optimizer)
     state.scaler.scale, state.scaler.good_steps = train_state["loss_scale"], train_state["good_steps"]
+    state.extra |= {k: train_state[k] for k in state.extra if k in train_state}
     return train_state["step"]
 
 

@@ -43,14 +43,26 @@ def batch_loss(policy, reference, batch: PairBatch | PackedBatch, cfg, reference
 
 def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, reference_logps=None,
                stop_requests=None):
-    """One optimizer step over this rank's micro-batches. Returns (metrics, grad_norm, applied,
-    stop_signal). reference_logps: None, or one precomputed (B, 2) tensor per micro-batch.
+    """One optimizer step of the preference objectives over this rank's micro-batches (optimizer_step).
+    reference_logps: None, or one precomputed (B, 2) tensor per micro-batch. Each micro-batch's loss is
+    divided by their number, so the gradient is the mean over the rank's pairs; FSDP's reduce-scatter
+    then averages over ranks: the mean over the global batch."""
+    n_micro = len(micro_batches)
 
-    Each micro-batch's loss is divided by their number, so the gradient is the mean over the rank's
-    pairs; FSDP's reduce-scatter then averages over ranks: the mean over the global batch. A step
-    whose loss or global gradient norm is not finite is not applied. stop_signal: the SIGTERM/SIGINT
-    that any rank's stop_requests received before this step's check (0: none), agreed by every rank
-    in the same all-reduce as the finite check: one host sync per step.
+    def share_of(i, batch):
+        loss, metrics = batch_loss(policy, reference, batch, cfg, None if reference_logps is None else reference_logps[i])
+        return loss * (1.0 / n_micro), {k: v / n_micro for k, v in metrics.items()}  # as scale / n_micro, bit for bit
+    return optimizer_step(policy, optimizer, micro_batches, share_of, cfg, lr, scaler, stop_requests)
+
+
+def optimizer_step(policy, optimizer, micro_batches, share_of, cfg, lr, scaler, stop_requests=None):
+    """One optimizer step over this rank's micro-batches; share_of(i, batch) -> (micro-batch i's share of
+    the rank's loss, its share of each metric), so that the shares add up to the rank's loss (DPO's,
+    PPO's: ppo_step.py). Returns (metrics, grad_norm, applied, stop_signal).
+
+    A step whose loss or global gradient norm is not finite is not applied. stop_signal: the
+    SIGTERM/SIGINT that any rank's stop_requests received before this step's check (0: none), agreed
+    by every rank in the same all-reduce as the finite check: one host sync per step.
     """
     n_micro = len(micro_batches)
     summed = {}
@@ -59,10 +71,10 @@ def train_step(policy, reference, optimizer, micro_batches, cfg, lr, scaler, ref
         # gradients (more memory, 1/n_micro the gradient traffic).
         if hasattr(policy, "set_requires_gradient_sync"):
             policy.set_requires_gradient_sync(i == n_micro - 1)
-        loss, metrics = batch_loss(policy, reference, batch, cfg, None if reference_logps is None else reference_logps[i])
-        (loss * (scaler.scale / n_micro)).backward()
+        loss, metrics = share_of(i, batch)
+        (loss * scaler.scale).backward()
         for k, v in metrics.items():
-            summed[k] = summed.get(k, 0.0) + v / n_micro
+            summed[k] = summed.get(k, 0.0) + v
     params = [p for p in policy.parameters() if p.grad is not None]
     if scaler.enabled:
         for p in params:
@@ -117,7 +129,7 @@ def assemble_step(step, train_pairs, cfg, rank, world, device, cached_reference_
     return StepInput(epoch, global_batch, micro_batches, reference_logps, n_tokens)
 
 
-def count_bad_step(step, metrics, grad_norm, step_input, scaler, bad_steps, cfg, log) -> int:
+def count_bad_step(step, metrics, grad_norm, step_input, scaler, bad_steps, cfg, log, what="pairs") -> int:
     """A step that was not applied. fp16 overflows are routine (the scaler halves its scale and
     retries on the next batch); a non-finite step at the smallest scale is a real one, as is any in
     bf16/fp32: counted, and past max_bad_steps the run stops."""
@@ -126,7 +138,7 @@ def count_bad_step(step, metrics, grad_norm, step_input, scaler, bad_steps, cfg,
     bad_steps += 1
     pairs = step_input.pair_indices
     log(f"step {step + 1}: non-finite loss ({float(metrics['loss']):.4g}) or gradient norm "
-        f"({float(grad_norm):.4g}) on pairs {pairs[:8]}{'...' if len(pairs) > 8 else ''} "
+        f"({float(grad_norm):.4g}) on {what} {pairs[:8]}{'...' if len(pairs) > 8 else ''} "
         f"(epoch {step_input.epoch}); the update was not applied ({bad_steps} such step(s), max_bad_steps={cfg.max_bad_steps})")
     if bad_steps > cfg.max_bad_steps:
         ckpts = checkpoint.complete_checkpoints(cfg.out_dir)
