@@ -248,13 +248,13 @@ def test_ppo_gt_raises_the_held_out_reward_of_the_demo(demo_run, tmp_path):
     policy's samples rises, and its KL from the start grows from 0."""
     demo_dir, _ = demo_run
     result = ppo_run(tmp_path, f"--init_from={demo_dir / 'sft'}", "--n_embd=64", "--max_len=32",
-                     "--max_prompt_len=16", "--eval_fraction=0.2", "--kl_samples=64", "--max_new_tokens=8",
-                     "--batch_size=32", "--mini_batch_size=16", "--micro_batch_size=16", "--lr=1e-4", "--epochs=4",
+                     "--max_prompt_len=16", "--eval_fraction=0.2", "--kl_samples=32", "--max_new_tokens=8",
+                     "--batch_size=16", "--mini_batch_size=16", "--micro_batch_size=16", "--lr=2e-4", "--epochs=2",
                      "--kl_coef=0.05", "--target_kl=0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evals = [line for line in metrics_of(tmp_path) if "eval/reward" in line]
     assert evals[0]["step"] == 0 and evals[0]["eval/kl"] == 0.0
-    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.2, (evals[0], evals[-1])
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.2, (evals[0], evals[-1])  # measured: +0.33
     assert evals[-1]["eval/kl"] > 0.1
     card = (tmp_path / "final" / "README.md").read_text()
     assert "ppo_train.py" in card and json.load(open(tmp_path / "final" / "config.json"))["architectures"] == [

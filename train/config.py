@@ -316,7 +316,7 @@ DESCRIPTIONS = {
 
 def parse_args(argv=None, prog="fsdp_train.py") -> TrainConfig:
     """--config_file PATH, then --key=value overrides, then validation. prog: the command (ppo_train.py
-    trains objective ppo, its default there)."""
+    trains objective ppo: a config file's objective is taken as ppo there, a flag's is checked)."""
     parser = argparse.ArgumentParser(
         prog=prog, description=DESCRIPTIONS[prog],
         argument_default=argparse.SUPPRESS, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -342,6 +342,8 @@ def parse_args(argv=None, prog="fsdp_train.py") -> TrainConfig:
             if key not in field_types():
                 raise ConfigError(unknown_key_message(key, config_file))
             values[key] = coerce(key, value, config_file)
+    if prog == "ppo_train.py":  # a DPO config file serves PPO too: its objective is PPO's here
+        values.pop("objective", None)
     for key, value in vars(args).items():
         values[key] = coerce(key, value, f"--{key}")
     cfg = TrainConfig(**(program_defaults(prog) | values))

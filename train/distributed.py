@@ -214,7 +214,9 @@ def needs_reference_model(cfg: TrainConfig) -> bool:
     copy). A reward model samples nothing and has none."""
     if cfg.objective == "reward_model":
         return False
-    return (cfg.objective in ("dpo", "ppo") and not cfg.reference_free) or cfg.kl_samples > 0
+    if cfg.objective == "ppo":
+        return True
+    return (cfg.objective == "dpo" and not cfg.reference_free) or (cfg.objective != "dpo" and cfg.kl_samples > 0)
 
 
 def build_training_state(cfg: TrainConfig, rank: int, device, mesh) -> TrainingState:
