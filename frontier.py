@@ -44,7 +44,8 @@ from data.demo import demo_texts
 from errors import ConfigError, InputError, Preempted, exit_code_of
 import fsdp_train
 import ppo_train
-from generate_pairs import check_generation_options, generate_pairs, read_prompts, write_jsonl
+from data.records import read_prompts
+from generate_pairs import check_generation_options, generate_pairs, write_jsonl
 from gpt2 import GPT
 from train.config import parse_args, read_yaml, shortened
 from train.distributed import resolve_device, weights_fingerprint
@@ -354,6 +355,7 @@ def series_label(series) -> str:
 
 
 STYLES = {"dpo": "o-", "unlikelihood": "s--", "preferred_ft": "^:", "ppo": "d-.", "ppo_gt": "v-."}
+COLOURS = {"dpo": "Blues", "unlikelihood": "Greens", "preferred_ft": "Greys", "ppo": "Oranges", "ppo_gt": "Reds"}
 
 
 def plot(result, path):
@@ -363,10 +365,13 @@ def plot(result, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install -e \".[plot]\"): frontier.png not drawn"
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5.2))
     for series in result["series"]:
         points = series["points"]  # in step order: each series' path as training goes on
-        ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], fmt=STYLES[series["method"]], ms=3, capsize=2, lw=1,
+        same_method = [s for s in result["series"] if s["method"] == series["method"]]
+        shade = 0.45 + 0.5 * same_method.index(series) / max(1, len(same_method) - 1)  # one colour family a method
+        ax.errorbar([p["kl"] for p in points], [p["reward"] for p in points], fmt=STYLES[series["method"]],
+                    color=plt.get_cmap(COLOURS[series["method"]])(shade), ms=3, capsize=2, lw=1,
                     xerr=[p["kl_stderr"] or 0 for p in points], yerr=[p["reward_stderr"] or 0 for p in points],
                     label=series_label(series))
     if result["reference"]["reward"] is not None:
@@ -376,7 +381,7 @@ def plot(result, path):
     ax.set_ylabel("reward (held-out samples)")
     ax.set_title("Reward-KL frontier (DPO paper, Fig. 2)" + (
         f"\nmean of {seeds} seeds, bars ±1 standard error across seeds" if seeds > 1 else ""), fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

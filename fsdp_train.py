@@ -28,7 +28,7 @@ from errors import ConfigError, Preempted, exit_code_of
 from gpt2 import SCORE_HEAD
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
 from train.distributed import build_training_state, check_model_fits, end_process_group, setup_distributed
-from train.evaluation import evaluate, precompute_reference_logps, sample_texts
+from train.evaluation import eval_prompt_set, evaluate, precompute_reference_logps, sample_texts
 from train.export import training_command, write_export
 from train.optim import lr_at
 from train.preemption import StopRequests
@@ -56,6 +56,8 @@ def load_data(cfg: TrainConfig):
                "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs)}
     if len(train_pairs) < cfg.batch_size:
         raise ConfigError(f"{len(train_pairs)} training pairs is fewer than batch_size={cfg.batch_size}")
+    if cfg.eval_prompts:
+        counts["eval_prompt_file"] = len(eval_prompt_set(cfg))  # read (and checked) before any work
     return train_pairs, eval_pairs, counts, data_fingerprint(groups)
 
 
@@ -90,10 +92,12 @@ def ignore(*args, **kwargs):
 # ----------------------------------------------------------------------------- samples
 
 def sample_prompts_of(eval_pairs, cfg):
-    """The held-out prompts of the before/after table: n_samples, spread over the eval pairs (none for a
-    reward model, which samples nothing)."""
+    """The held-out prompts of the before/after table: n_samples, spread over the eval pairs, or the first
+    of eval_prompts (none for a reward model, which samples nothing)."""
     if cfg.objective == "reward_model":
         return []
+    if cfg.eval_prompts:
+        return eval_prompt_set(cfg)[:cfg.n_samples]
     return [p.prompt for p in eval_pairs[:: max(1, len(eval_pairs) // max(1, cfg.n_samples))]][:cfg.n_samples]
 
 
@@ -115,11 +119,8 @@ def main(argv=None, stop_requests=None):
         f"precision={cfg.precision}, device={device.type}"
         + (f", reference in {reference_precision_name(cfg)}"
            if state.reference is not None and reference_precision_name(cfg) != cfg.precision else ""))
-    steps_per_epoch = len(train_pairs) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    identity = run_identity(cfg, data_sha256, state.weights_sha256)
-    step = start_or_resume(cfg, identity, state, device, log, last_step)
+    steps_per_epoch, total_steps, last_step = plan_steps(cfg, len(train_pairs))
+    identity, step = resume_point(cfg, state, data_sha256, device, log, last_step)
     if step is None:
         return
     metrics_log = MetricsLog(cfg, device)  # W&B starts once the run directory is this run's
@@ -169,6 +170,21 @@ def main(argv=None, stop_requests=None):
            metrics_log, counts, sys.argv[1:] if argv is None else argv, rank, world, device, log)
 
 
+def plan_steps(cfg, items_per_epoch):
+    """(optimizer steps per epoch, steps in all epochs, the last step this command trains to) for
+    batch_size of items_per_epoch (pairs; PPO's prompts) a step."""
+    steps_per_epoch = items_per_epoch // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    return steps_per_epoch, total_steps, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+
+def resume_point(cfg, state, data_sha256, device, log, last_step):
+    """Collective: (the run's identity, the step to start from: 0, a checkpoint's, or None when the
+    run is complete; train/resume.py's start_or_resume)."""
+    identity = run_identity(cfg, data_sha256, state.weights_sha256)
+    return identity, start_or_resume(cfg, identity, state, device, log, last_step)
+
+
 def first_samples_and_eval(cfg, state, step, eval_pairs, reference_eval_logps, metrics_log, rank, world, device, log):
     """At step 0, where the policy still equals the reference: the "before" samples and the first
     point of the eval curves. Returns the prompts of the sample table."""
@@ -176,7 +192,7 @@ def first_samples_and_eval(cfg, state, step, eval_pairs, reference_eval_logps, m
     if sample_prompts and step == 0:
         before, before_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
         on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before, before_rewards)
-    if step == 0 and eval_pairs:
+    if step == 0 and (eval_pairs or cfg.eval_prompts):
         line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
                                                  cfg, rank, world, device))
         log(format_log_line("eval", line))

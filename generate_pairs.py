@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+from data.records import read_prompts
 from data.tokenizer import decode, encode
 from errors import DataError, InputError, exit_code_of
 from gpt2 import GPT
@@ -31,33 +32,6 @@ from sample import continuations
 from train.distributed import resolve_device
 from train.reward import SPEC_HELP, load_reward
 from train.run_dir import write_atomic
-
-
-def read_prompts(path) -> list[str]:
-    """Distinct prompts in file order: a .txt file's non-blank lines, or each JSONL line's "prompt"."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read prompts ({err})") from err
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if path.endswith(".txt"):
-            prompts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise DataError(f"{path}:{number}: not a JSON line ({err})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
-            raise DataError(f"{path}:{number}: expected an object with a non-empty \"prompt\" string")
-        prompts.append(record["prompt"])
-    prompts = list(dict.fromkeys(prompts))
-    if not prompts:
-        raise DataError(f"{path}: no prompts")
-    return prompts
 
 
 @torch.no_grad()

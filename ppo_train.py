@@ -32,15 +32,15 @@ import time
 
 import fsdp_train
 from errors import ConfigError
-from fsdp_train import (finish, first_samples_and_eval, format_log_line, load_data, peak_memory_gib, start_job,
-                        stop_if_asked)
+from fsdp_train import (finish, first_samples_and_eval, format_log_line, load_data, peak_memory_gib, plan_steps,
+                        resume_point, start_job, stop_if_asked)
 from ppo import KLController, masked_mean
 from train.config import parse_args
 from train.distributed import build_training_state
 from train.evaluation import distinct_prompts, evaluate
 from train.optim import lr_at
 from train.preemption import StopRequests
-from train.resume import run_identity, save, start_or_resume, stop_after_signal
+from train.resume import save, stop_after_signal
 from train.rollout import Rollout, make_rollout
 from train.ppo_step import advantages_of, ppo_updates
 from train.run_dir import MetricsLog
@@ -61,11 +61,8 @@ def main(argv=None, stop_requests=None):
     state.extra = {"kl_coef": cfg.kl_coef, "score_mean": None, "score_std": None}  # checkpointed with the weights
     log(f"model: {state.policy.num_params() / 1e6:.1f}M parameters with a value head, {world} rank(s), "
         f"precision={cfg.precision}, device={device.type}, maximising reward={cfg.ppo_reward or cfg.reward}")
-    steps_per_epoch = len(train_prompts) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    identity = run_identity(cfg, data_sha256, state.weights_sha256)
-    step = start_or_resume(cfg, identity, state, device, log, last_step)
+    steps_per_epoch, total_steps, last_step = plan_steps(cfg, len(train_prompts))
+    identity, step = resume_point(cfg, state, data_sha256, device, log, last_step)
     if step is None:
         return
     metrics_log = MetricsLog(cfg, device)

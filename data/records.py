@@ -1,6 +1,7 @@
 """Data files to JSON records, each named by file and line (or index) for messages: JSON lines
 (.jsonl, .jsonl.gz), a JSON array (.json), Parquet (with pyarrow, an optional extra).
-The loaders in data/formats.py turn records into preference groups."""
+The loaders in data/formats.py turn records into preference groups. And prompt files (read_prompts):
+generate_pairs.py's prompts, the trainer's eval_prompts."""
 import gzip
 import json
 import os
@@ -78,3 +79,30 @@ def parquet_records(path):
     except Exception as err:  # pyarrow's own error types: a damaged or non-Parquet file
         raise DataError(f"{path}: cannot be read as Parquet ({type(err).__name__}: {err})") from err
     return [(row, f"{path}[{index}]") for index, row in enumerate(rows)]
+
+
+def read_prompts(path) -> list[str]:
+    """Distinct prompts in file order: a .txt file's non-blank lines, or each JSONL line's "prompt"."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read prompts ({err})") from err
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if path.endswith(".txt"):
+            prompts.append(line)
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise DataError(f"{path}:{number}: not a JSON line ({err})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"]:
+            raise DataError(f"{path}:{number}: expected an object with a non-empty \"prompt\" string")
+        prompts.append(record["prompt"])
+    prompts = list(dict.fromkeys(prompts))
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts

@@ -450,3 +450,28 @@ def test_hand_built_pairs_must_name_their_responses():
     colliding = [Pair([1, 2], [3], [4], 0, 0, 1), Pair([1, 2], [5], [6], 0, 0, 1)]
     with pytest.raises(ValueError, match="group 0 name response 0 but hold different tokens"):
         collate_pairs_shared_prompt(colliding)
+
+
+def test_imdb_prompts_are_2_to_8_token_prefixes_of_the_long_reviews(tmp_path):
+    """data/imdb_prompts.py on a local copy laid out as the hub's stanfordnlp/imdb: reviews of 200
+    characters or fewer are skipped (TRL's recipe), every prompt is the start of a review and 2 to 8
+    GPT-2 tokens long, the file reads back as prompts, and the same seed writes the same file."""
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet
+    from data.imdb_prompts import main
+    from data.records import read_prompts
+    from data.tokenizer import encode
+    long_reviews = [f"Review number {i}: this film was {'good' if i % 2 else 'bad'}, " + "and so on " * 30
+                    for i in range(40)]
+    (tmp_path / "imdb" / "plain_text").mkdir(parents=True)
+    pyarrow.parquet.write_table(pyarrow.table({"text": long_reviews + ["Too short to keep."], "label": [0] * 41}),
+                                tmp_path / "imdb" / "plain_text" / "test-00000-of-00001.parquet")
+    out = tmp_path / "test_prompts.jsonl"
+    main(["--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(out)])
+    prompts = read_prompts(str(out))
+    assert 20 <= len(prompts) == len(set(prompts)) and "Too short" not in "".join(prompts)  # distinct prefixes
+    assert all(2 <= len(encode(p)) <= 8 and any(r.startswith(p) for r in long_reviews) for p in prompts)
+    assert len({len(encode(p)) for p in prompts}) > 3  # the lengths are drawn, not fixed
+    first = out.read_text()
+    main(["--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(out)])
+    assert out.read_text() == first

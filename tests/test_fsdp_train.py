@@ -499,3 +499,20 @@ def test_unlikelihood_trains_end_to_end_with_the_kl_against_its_start(tmp_path):
     final = lines[-1]
     assert "eval/loss" not in final and final["eval/kl"] >= -1 and "eval/rewards/accuracies" in final
     assert "unlikelihood: maximum likelihood of the chosen responses" in (tmp_path / "final" / "README.md").read_text()
+
+
+def test_eval_prompts_replace_the_held_out_prompts_of_the_sampled_metrics(tmp_path):
+    """eval_prompts (the paper evaluates on IMDb's test split): with no held-out pairs at all, every eval
+    still samples those prompts for eval/kl and eval/reward, and samples.md shows them."""
+    prompts = ["The first test prompt", "Another one from the test split", "A third"]
+    (tmp_path / "test_prompts.txt").write_text("\n".join(prompts) + "\n")
+    run_python(tmp_path / "run", "--eval_fraction=0", f"--eval_prompts={tmp_path / 'test_prompts.txt'}",
+               "--kl_samples=3", "--n_samples=3", "--reward=vader")
+    evals = [line for line in json.loads("[" + ",".join(open(tmp_path / "run" / "metrics.jsonl")) + "]")
+             if "eval/kl" in line]
+    assert [line["step"] for line in evals] == [0, 4] and evals[0]["eval/kl"] == 0.0 and evals[-1]["eval/kl"] > 0
+    assert all("eval/reward" in line and "eval/rewards/accuracies" not in line for line in evals)
+    table = (tmp_path / "run" / "samples.md").read_text()
+    assert all(f"| {prompt} |" in table for prompt in prompts), table
+    result = run_in_process([*TINY, f"--out_dir={tmp_path / 'bad'}", f"--eval_prompts={tmp_path / 'none.txt'}"])
+    assert result.returncode == 2 and "eval_prompts" in result.stderr and "no such file" in result.stderr

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from errors import ConfigError, DataError
-from generate_pairs import generate_pairs, ranked_pairs, read_prompts
+from data.records import read_prompts
+from generate_pairs import generate_pairs, ranked_pairs
 from gpt2 import GPT, GPTConfig
 from train import reward as reward_module
 from train.export import write_tokenizer_files

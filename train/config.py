@@ -146,6 +146,10 @@ class TrainConfig:
     kl_samples: int = option(16, "samples (temperature 1) from the held-out prompts, each prompt in turn, at each "
                              "eval: eval/kl, the sequence-level KL(policy || reference) summed over positions "
                              "(needs a live reference model), and eval/reward")
+    eval_prompts: str = option("", "a prompt file (JSONL with a \"prompt\" per line, or .txt, one per line) whose "
+                               "prompts are sampled for eval/reward, eval/kl and samples.md instead of the held-out "
+                               "pairs' (the paper: prefixes of IMDb's test split); the held-out pairs still give "
+                               "the preference metrics")
     n_samples: int = option(8, "held-out prompts in the before/after sample table (samples.md)")
     reward: str = option("", "ground-truth reward of samples, logged as eval/reward and shown in samples.md: "
                          + SPEC_HELP + ", or '' for none")
@@ -298,6 +302,8 @@ def validate(cfg: TrainConfig, prog="fsdp_train.py"):
             raise ConfigError(f"data_path {cfg.data_path!r}: not a regular file (a directory, a FIFO, a device)")
     if cfg.reward:
         check_reward_spec(cfg.reward)
+    if cfg.eval_prompts and not os.path.isfile(cfg.eval_prompts):
+        raise ConfigError(f"eval_prompts {cfg.eval_prompts!r}: no such file")
     if cfg.wandb_log and importlib.util.find_spec("wandb") is None:  # before any data is read or file written
         raise ConfigError("--wandb_log needs Weights & Biases: pip install wandb")
     check_objective(cfg, prog)

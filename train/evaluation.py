@@ -11,7 +11,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from data.batches import collate, left_pad
-from data.tokenizer import EOT_ID, decode
+from data.records import read_prompts
+from data.tokenizer import EOT_ID, decode, encode
 from dpo import PairLogps, concatenated_logps, dpo_loss, pair_scores, reward_model_metrics, span_kl
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
@@ -92,8 +93,9 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
                               reference_free=reference_logps is None, average=logps_average(cfg))
     if cfg.objective != "dpo":  # the preference loss above is not what these train: don't log it as "loss"
         metrics.pop("loss", None)
-    if cfg.kl_samples > 0 and eval_pairs and (reference is not None or cfg.reward):
-        metrics |= sampled_metrics(policy, reference, eval_sample_prompts(eval_pairs, cfg.kl_samples), cfg, device)
+    prompts = eval_sample_prompts(cfg, eval_pairs, cfg.kl_samples)
+    if prompts and (reference is not None or cfg.reward):
+        metrics |= sampled_metrics(policy, reference, prompts, cfg, device)
     policy.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
 
@@ -158,11 +160,24 @@ def score_texts(spec, prompts, continuations, device):
     return [float(score) for score in _reward_models[spec].score(prompts, continuations)]
 
 
-def eval_sample_prompts(pairs, n):
-    """n prompt rows for the sampled metrics: the held-out prompts in turn, each repeated when there
-    are fewer than n of them (more samples per prompt, a smaller standard error)."""
-    prompts = distinct_prompts(pairs, n)
-    return [prompts[i % len(prompts)] for i in range(n)]
+def eval_sample_prompts(cfg, pairs, n):
+    """n prompt rows for the sampled metrics: the eval prompts (eval_prompts' file, else the held-out
+    pairs') in turn, each repeated when there are fewer than n of them (more samples per prompt, a
+    smaller standard error); none without any."""
+    prompts = eval_prompt_set(cfg)[:n] if cfg.eval_prompts else distinct_prompts(pairs, n)
+    return [prompts[i % len(prompts)] for i in range(n)] if prompts else []
+
+
+_eval_prompt_sets = {}  # (path, max_prompt_len) -> token lists, read once per process
+
+
+def eval_prompt_set(cfg) -> list[list[int]]:
+    """eval_prompts' prompts as tokens, each cut to its last max_prompt_len (as the training prompts).
+    The trainer reads it before any work (load_data), so a bad file stops the run there."""
+    key = (cfg.eval_prompts, cfg.max_prompt_len)
+    if key not in _eval_prompt_sets:
+        _eval_prompt_sets[key] = [encode(p)[-cfg.max_prompt_len:] for p in read_prompts(cfg.eval_prompts)]
+    return _eval_prompt_sets[key]
 
 
 def distinct_prompts(pairs, n):
