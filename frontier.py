@@ -108,6 +108,13 @@ def check_frontier_config(cfg: FrontierConfig, path):
         raise ConfigError(f"{path}: generation: {err}") from None
     if (cfg.ppo is None) != (cfg.reward_model is None):
         raise ConfigError(f"{path}: ppo and reward_model go together (PPO runs on the reward model; PPO-GT beside it)")
+    for name, keys in SET_PER_RUN.items():  # a section that set these would give every run of its series one value
+        if set_here := sorted(set(getattr(cfg, name) or {}) & set(keys)):
+            raise ConfigError(f"{path}: {name}: {', '.join(set_here)} is set per run by frontier.py (betas, alphas, "
+                              "target_kls, the stage); remove it from the section")
+    if cfg.reward_model is not None and (cfg.trainer | cfg.reward_model).get("eval_fraction", 0.05) == 0:
+        raise ConfigError(f"{path}: the reward model needs held-out pairs for its accuracy: give reward_model an "
+                          "eval_fraction > 0")
     for name in ("betas", "alphas", "target_kls"):
         values = getattr(cfg, name)
         if not (isinstance(values, list) and values and all(
@@ -123,6 +130,12 @@ def check_frontier_config(cfg: FrontierConfig, path):
                    prog=f"{job.__name__}.py")
     prompt_texts(cfg)
     fetch_reward(cfg.trainer["reward"])  # its form, its package, and a classifier's files, before any stage
+
+
+SET_PER_RUN = {"dpo": ("objective", "beta"), "unlikelihood": ("objective", "unlikelihood_alpha"),
+               "preferred_ft": ("objective", "data_path"), "reward_model": ("objective",),
+               "ppo": ("objective", "ppo_reward", "target_kl"), "trainer": ("objective", "beta", "unlikelihood_alpha",
+                                                                           "ppo_reward", "target_kl", "seed")}
 
 
 def as_argv(options: dict) -> list[str]:

@@ -353,7 +353,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.length += T
-        scores = self.score(x).sum(-1, dtype=torch.float32) if head != "lm" else None  # (B, T) or (N,), not a view
+        # The scalar head in fp32 (under bf16 a score or value would keep ~3 significant digits): (B, T) or (N,)
+        scores = F.linear(x.float(), self.score.weight.float()).sum(-1) if head != "lm" else None  # not a view
         if head == "score":
             return scores
         logits = self.lm_logits(x, keep is not None)
@@ -370,7 +371,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=24, temperature=1.0, top_k=None,
-                 top_p=None, eos_id=EOT_ID, use_cache=True, generator=None, stop_early=True):
+                 top_p=None, eos_id=EOT_ID, use_cache=True, generator=None, stop_early=True, uniforms=None):
         """Continue a batch of prompts; returns (B, T + n) ids, n <= max_new_tokens.
 
         Prompts of different lengths are left-padded, with attention_mask (B, T) marking real tokens.
@@ -379,7 +380,9 @@ class GPT(nn.Module):
         A row that emits eos_id is finished and padded with eos_id; decoding stops when all are
         (eos_id=None: never). use_cache=False recomputes the whole prefix every step (for tests).
         stop_early=False always runs max_new_tokens steps: under FSDP every rank must run the same
-        number of forward passes, whatever its own rows did.
+        number of forward passes, whatever its own rows did. uniforms: optional (B, max_new_tokens)
+        draws in [0, 1) for the sampler, row by row and step by step, instead of the generator's
+        (PPO's rollouts: then each row's sample does not depend on which other rows share its batch).
         """
         B, T = input_ids.shape
         if T + max_new_tokens > self.config.n_positions:
@@ -391,14 +394,15 @@ class GPT(nn.Module):
         kv_cache = KVCache(self.config.n_layer, T + max_new_tokens) if use_cache else None
         tokens, step_input = input_ids, input_ids
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             model_input = step_input if use_cache else tokens
             last_positions = torch.arange(1, B + 1, device=device) * model_input.size(1) - 1  # flat (B,)
             # logits only at each row's last position: the prompt's other positions need none
             position_ids, mask = padding_inputs(token_mask, model_input.size(1))
             logits = self(model_input, position_ids, mask, kv_cache=kv_cache if use_cache else None,
                           logits_at=last_positions)  # (B, V)
-            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits.float(), temperature, top_k, top_p, generator,
+                                           None if uniforms is None else uniforms[:, step:step + 1])
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
                 finished |= next_token == eos_id
@@ -469,8 +473,8 @@ def last_token_index(input_ids, pad_id=EOT_ID):
     return (columns * (input_ids != pad_id)).argmax(-1)
 
 
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) fp32 logits -> (B,) token ids."""
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
+    """(B, V) fp32 logits -> (B,) token ids. u: optional (B, 1) uniform draws (else the generator's)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -489,7 +493,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     # tokens (16 ms -> 0.5 ms for 16 rows), the difference between a slow and a fast PPO rollout. The
     # fp32 cumsum's rounding (~1e-7 of the total) only touches tokens rarer than that.
     cumulative = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-    u = torch.rand(logits.size(0), 1, device=logits.device, generator=generator, dtype=cumulative.dtype)
+    if u is None:
+        u = torch.rand(logits.size(0), 1, device=logits.device, generator=generator, dtype=cumulative.dtype)
     chosen = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)  # (B, 1)
     return chosen.clamp_(max=logits.size(-1) - 1).squeeze(-1)
 

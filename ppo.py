@@ -16,8 +16,6 @@ frozen reference's ref_logp_t:
 with the advantages whitened over the rollout batch. Every mean here is over the mask's tokens,
 divided by a count the caller may give (the global count, across ranks). ppo_train.py runs these;
 tests/test_ppo.py checks each against a plain loop or the formula."""
-import math
-
 import torch
 
 
@@ -130,4 +128,4 @@ def normalised(scores, mean, std):
     """Scores normalised by the initial policy's (Ziegler et al. 2019: "we normalize the reward so that
     it has mean 0 and variance 1" over samples of the starting policy; the DPO paper's PPO "normalizes
     rewards"): fixed mean and std, so one ground-truth score means the same at every step."""
-    return (scores - mean) / max(std, 1e-8) if math.isfinite(std) else scores - mean
+    return (scores - mean) / std

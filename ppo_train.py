@@ -72,7 +72,7 @@ def main(argv=None, stop_requests=None):
 
     log(f"training: {max(0, last_step - step)} PPO steps of {cfg.batch_size} rollouts, {cfg.ppo_epochs} epochs of "
         f"mini-batches of {cfg.mini_batch_size} each ({steps_per_epoch} steps per pass over the prompts)")
-    t_start, step_start = time.time(), step
+    t_start, step_start, bad_steps = time.time(), step, 0
     while step < last_step:
         t_rollout = time.time()
         rollout = make_rollout(state.policy, state.reference, train_prompts, step, cfg, rank, world, device)
@@ -81,9 +81,9 @@ def main(argv=None, stop_requests=None):
             set_score_normalisation(state, rollout, log)
         kl_coef = state.extra["kl_coef"]
         _, advantages, returns = advantages_of(rollout, kl_coef, state.extra["score_mean"], state.extra["score_std"], cfg)
-        metrics, grad_norm, stop_signal, n_tokens = ppo_updates(
+        metrics, grad_norm, stop_signal, n_tokens, bad_steps = ppo_updates(
             state, rollout, advantages, returns, cfg, step, lr_at(step, total_steps, cfg), rank, world, device, log,
-            stop_requests)
+            bad_steps, stop_requests)
         t_end = time.time()
         rollout_values = rollout_metrics(rollout, returns, kl_coef, state.extra)
         state.extra["kl_coef"] = KLController(kl_coef, cfg.target_kl, cfg.kl_horizon).update(
@@ -113,9 +113,12 @@ def main(argv=None, stop_requests=None):
 def set_score_normalisation(state, rollout: Rollout, log):
     """The first rollout's score statistics (the starting policy's samples), fixed for the run."""
     scores = rollout.scores.double()
-    state.extra["score_mean"], state.extra["score_std"] = scores.mean().item(), scores.std().item()
-    log(f"scores normalised by the first rollout's: mean {state.extra['score_mean']:.4f}, "
-        f"std {state.extra['score_std']:.4f}")
+    mean, std = scores.mean().item(), scores.std().item()
+    if not std > 1e-6:  # every first score equal (VADER gives 0.0 to text without sentiment words): centre only
+        log(f"the first rollout's {len(scores)} scores are all {mean:.4f}: scores are centred, not scaled")
+        std = 1.0
+    state.extra["score_mean"], state.extra["score_std"] = mean, std
+    log(f"scores normalised by the first rollout's: mean {mean:.4f}, std {std:.4f}")
 
 
 def rollout_metrics(rollout: Rollout, returns, kl_coef, extra) -> dict:

@@ -41,6 +41,10 @@ def demo_config(**changes):
     ({"trainer": {"reward": "vader"}}, "trainer.init_from must name the starting model"),
     ({"dpo": {"lr": "fast"}}, "lr must be float"),
     ({"prompts": "no/such/prompts.jsonl"}, "no/such/prompts.jsonl: cannot read prompts"),
+    ({"ppo": {"lr": 1e-4, "target_kl": 3.0}}, "ppo: target_kl is set per run by frontier.py"),
+    ({"dpo": {"beta": 0.5}}, "dpo: beta is set per run by frontier.py"),
+    ({"reward_model": {"eval_fraction": 0}}, "the reward model needs held-out pairs for its accuracy"),
+    ({"reward_model": None}, "ppo and reward_model go together"),
 ])
 def test_a_bad_frontier_config_is_refused_before_any_stage(tmp_path, capsys, changes, message):
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(demo_config(**changes)))

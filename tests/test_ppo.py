@@ -168,7 +168,7 @@ def test_a_whole_ppo_update_equals_a_straightforward_one_on_transformers(tmp_pat
     rollout = hand_made_rollout(policy, gen)
     advantages, returns = torch.randn(4, 5, generator=gen) * rollout.mask, torch.randn(4, 5, generator=gen) * rollout.mask
     state = TrainingState(config, policy, None, make_optimizer(policy, cfg), LossScaler(False), "")
-    metrics, grad_norm, _, _ = ppo_updates(state, rollout, advantages, returns, cfg, step=0, lr=cfg.lr, rank=0, world=1,
+    metrics, grad_norm, _, _, _ = ppo_updates(state, rollout, advantages, returns, cfg, step=0, lr=cfg.lr, rank=0, world=1,
                                            device=torch.device("cpu"), log=print)
     losses, norms = reference_update(hf, value_head, rollout, advantages, returns, cfg, epochs=2)
     assert metrics["loss"].item() == pytest.approx(statistics.fmean(losses), rel=1e-5)
@@ -287,3 +287,18 @@ def test_ppo_refuses_bad_input_in_one_line_before_any_work(tmp_path):
         assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1, \
             result.stderr
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_rollout_is_the_same_whatever_its_micro_batches(one_process_group):
+    """Each row's sampler draws come from (seed, step) and the row's place in the batch, so drawing the
+    batch 2 rows at a time or 4 at a time samples the same continuations and scores them the same."""
+    from train.rollout import make_rollout
+    policy = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64), score_head=True).init_weights(seed=0)
+    reference = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64)).init_weights(seed=0)
+    prompts = [[464, 3290, 373], [40], [1212, 318, 257, 1332], [464, 2068], [50, 51, 52], [9]]
+    rollouts = [make_rollout(policy, reference, prompts, 1, TrainConfig(
+        objective="ppo", reward="vader", batch_size=4, micro_batch_size=micro, max_new_tokens=5, sharding="none",
+        precision="fp32"), 0, 1, torch.device("cpu")) for micro in (2, 4)]
+    assert torch.equal(rollouts[0].responses, rollouts[1].responses) and torch.equal(rollouts[0].mask, rollouts[1].mask)
+    assert rollouts[0].prompt_indices == rollouts[1].prompt_indices
+    assert torch.allclose(rollouts[0].logps, rollouts[1].logps, atol=1e-5)

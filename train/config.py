@@ -430,6 +430,9 @@ def reference_precision_name(cfg: TrainConfig) -> str:
     return cfg.precision if cfg.reference_precision == "same" else cfg.reference_precision
 
 
+PPO_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["help"].startswith("ppo:"))
+
+
 def run_identity_keys() -> tuple:
     """The fields that fix a run's trajectory (declared with identity=True). The data's file, format and
     length settings are not: the data fingerprint covers them, so the same tokens from a moved file still

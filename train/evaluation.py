@@ -56,15 +56,16 @@ def as_pair_logps(columns) -> PairLogps:
 
 
 @torch.no_grad()
-def sample(model, prompts, cfg, device, seed, temperature):
-    """Continuations of prompts (identical on every rank: same inputs, same seed) -> (tokens, masks)."""
+def sample(model, prompts, cfg, device, seed, temperature, uniforms=None):
+    """Continuations of prompts (identical on every rank: same inputs, same seed) -> (tokens, masks).
+    uniforms: the sampler's (len(prompts), max_new_tokens) draws, instead of a generator's from seed."""
     input_ids, mask = (t.to(device) for t in left_pad(prompts))
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed) if uniforms is None else None
     # Decoding runs eagerly under `compile`: its prefill and one-token steps would each compile the
     # blocks again, for a few hundred small forwards per eval, and use up their recompile budget.
     with torch.compiler.set_stance("force_eager"):
         tokens = model.generate(input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
-                                temperature=temperature, generator=generator, stop_early=False)
+                                temperature=temperature, generator=generator, stop_early=False, uniforms=uniforms)
     new = tokens[:, input_ids.size(1):]
     after_eos = (new == EOT_ID).long().cumsum(-1) - (new == EOT_ID).long() > 0  # tokens after the first EOT
     response_mask = torch.cat([torch.zeros_like(mask), ~after_eos], dim=1)

@@ -31,11 +31,12 @@ def minibatch_order(seed, step, epoch, n_rollouts) -> list[int]:
 
 
 def ppo_updates(state, rollout: Rollout, advantages, returns, cfg, step, lr, rank, world, device, log,
-                stop_requests=None):
+                bad_steps=0, stop_requests=None):
     """ppo_epochs x (batch_size / mini_batch_size) optimizer steps on one rollout. Returns (each metric
     averaged over the updates, this rank's share: reduce over ranks to log it; the last gradient norm;
-    the stop signal any update saw; the rollout tokens this rank ran forward and backward)."""
-    summed, grad_norm, stop_signal, n_tokens, n_updates, bad_steps = {}, torch.zeros(()), 0, 0, 0, 0
+    the stop signal any update saw; the rollout tokens this rank ran forward and backward; the run's
+    count of updates not applied, bad_steps before it, which max_bad_steps bounds)."""
+    summed, grad_norm, stop_signal, n_tokens, n_updates = {}, torch.zeros(()), 0, 0, 0
     for epoch in range(cfg.ppo_epochs):
         order = minibatch_order(cfg.seed, step, epoch, len(rollout.prompts))
         for start in range(0, len(order), cfg.mini_batch_size):
@@ -57,7 +58,7 @@ def ppo_updates(state, rollout: Rollout, advantages, returns, cfg, step, lr, ran
             n_updates += 1
             for k, v in metrics.items():
                 summed[k] = summed.get(k, 0.0) + v
-    return {k: v / n_updates for k, v in summed.items()}, grad_norm, stop_signal, n_tokens
+    return {k: v / n_updates for k, v in summed.items()}, grad_norm, stop_signal, n_tokens, bad_steps
 
 
 def update_loss(policy, rollout, advantages, returns, rows, count, cfg, world):

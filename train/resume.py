@@ -4,8 +4,9 @@ hold), the run directory made to agree with it, and the saves (periodic, final, 
 import signal
 
 from errors import Preempted
+from gpt2 import resolve_checkpoint_dir, weight_files
 from train import checkpoint
-from train.config import TrainConfig, reference_precision_name, run_identity_keys
+from train.config import PPO_KEYS, TrainConfig, reference_precision_name, run_identity_keys
 from train.export import exported_step
 from train.rank0 import on_rank0
 from train.run_dir import check_lock_held, final_dir, keep_metrics_until, write_config
@@ -15,9 +16,22 @@ from train.run_dir import check_lock_held, final_dir, keep_metrics_until, write_
 
 def run_identity(cfg: TrainConfig, data_sha256: str, weights_sha256: str) -> dict:
     """What a checkpoint must agree on to be resumed, and the reference cache to be reused."""
-    identity = {k: getattr(cfg, k) for k in run_identity_keys()}
+    keys = run_identity_keys() if cfg.objective == "ppo" else tuple(k for k in run_identity_keys() if k not in PPO_KEYS)
+    identity = {k: getattr(cfg, k) for k in keys}  # PPO's keys only for PPO: older DPO checkpoints still resume
     identity["reference_precision"] = reference_precision_name(cfg)  # "same" and its dtype are one run
+    if cfg.objective == "ppo":  # what PPO maximises, and its episodes' length, fix its trajectory too
+        maximised = cfg.ppo_reward or cfg.reward
+        identity |= {"maximised_reward": maximised, "max_new_tokens": cfg.max_new_tokens,
+                     "maximised_reward_weights": reward_model_fingerprint(maximised)}
     return identity | {"data_sha256": data_sha256, "weights_sha256": weights_sha256}
+
+
+def reward_model_fingerprint(spec):
+    """A reward model's weights (rm:DIR, retrained in place or not), as [size, sha256]; None for the
+    other rewards, which their spec names."""
+    if not spec.startswith("rm:"):
+        return None
+    return [checkpoint.file_fingerprint(file) for file in sorted(weight_files(resolve_checkpoint_dir(spec[3:])))]
 
 
 def identity_hints(cfg: TrainConfig) -> dict:

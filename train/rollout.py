@@ -6,9 +6,9 @@ reference's view of every sampled token. ppo_train.py runs it before each step's
 No rank ever waits for another in a collective: generation always runs max_new_tokens decode steps
 (stop_early=False), however early a rank's own rows end, so every rank runs the same number of
 forward passes, and every later forward has the same count on every rank (the FSDP + generate hang
-of the DPO authors' repository, issue #85, cannot happen here). The sampling is seeded per chunk of
-micro_batch_size rows by (seed, step, the chunk's place in the global batch), so a rollout does
-not depend on how many ranks drew it: one process draws the chunks that two ranks draw, the same.
+of the DPO authors' repository, issue #85, cannot happen here). The sampler's uniform draws are one
+table per step, (batch_size, max_new_tokens) from (seed, step), each row of the global batch its
+own: a rollout does not depend on how many ranks drew it, nor on the micro-batches they drew it in.
 """
 from dataclasses import dataclass
 
@@ -43,8 +43,11 @@ def rollout_prompts(step, n_prompts, cfg) -> list[int]:
     return epoch_order(n_prompts, cfg.seed, epoch)[position * cfg.batch_size:(position + 1) * cfg.batch_size]
 
 
-def chunk_seed(seed, step, chunk) -> int:
-    return int(np.random.SeedSequence([seed, step, chunk]).generate_state(1)[0])
+def rollout_uniforms(seed, step, n_rows, n_tokens):
+    """The sampler's draws of step `step`'s rollout, (n_rows, n_tokens) in [0, 1): a pure function of
+    seed and step, made on the CPU (the same numbers on any device)."""
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+    return torch.rand(n_rows, n_tokens, generator=generator)
 
 
 @torch.no_grad()
@@ -55,13 +58,13 @@ def make_rollout(policy, reference, train_prompts, step, cfg, rank, world, devic
     process would."""
     indices = rollout_prompts(step, len(train_prompts), cfg)
     local = rank_slice(list(range(len(indices))), rank, world)
+    uniforms = rollout_uniforms(cfg.seed, step, len(indices), cfg.max_new_tokens)
     parts = []
     policy.eval()
     for start in range(0, len(local), cfg.micro_batch_size):
         rows = local[start:start + cfg.micro_batch_size]
         prompts = [train_prompts[indices[i]] for i in rows]
-        parts.append(rollout_chunk(policy, reference, prompts, chunk_seed(cfg.seed, step, rows[0] // cfg.micro_batch_size),
-                                   cfg, device))
+        parts.append(rollout_chunk(policy, reference, prompts, uniforms[rows].to(device), cfg, device))
     policy.train()
     local_tensors = [torch.cat(column) for column in zip(*parts)]
     responses, mask, scores, logps, ref_logps, values = (all_gather_rows(t, world) for t in local_tensors)
@@ -69,11 +72,11 @@ def make_rollout(policy, reference, train_prompts, step, cfg, rank, world, devic
                    values)
 
 
-def rollout_chunk(policy, reference, prompts, seed, cfg, device):
+def rollout_chunk(policy, reference, prompts, uniforms, cfg, device):
     """One chunk: sample (temperature 1, max_new_tokens), score with the reward PPO maximises
     (ppo_reward, else reward), and run the policy (with its value head) and the reference over what
     was sampled."""
-    tokens, _, response_mask = sample(policy, prompts, cfg, device, seed=seed, temperature=1.0)
+    tokens, _, response_mask = sample(policy, prompts, cfg, device, seed=None, temperature=1.0, uniforms=uniforms)
     start = tokens.size(1) - cfg.max_new_tokens
     responses, mask = tokens[:, start:], response_mask[:, start:]
     texts = continuations_of(tokens, response_mask)

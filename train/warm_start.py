@@ -15,7 +15,7 @@ from data.batches import Pair
 from errors import ConfigError, Preempted
 from gpt2 import write_hf_checkpoint
 from train import checkpoint, run_dir
-from train.config import run_identity_keys
+from train.config import PPO_KEYS, run_identity_keys
 from train.distributed import TrainingState, build_training_state
 from train.optim import lr_at
 from train.rank0 import on_rank0
@@ -24,10 +24,10 @@ from train.run_dir import write_atomic
 from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
 
 
-# Identity fields the SFT stage does not read: DPO's objective and loss, its reference, and sft_on (the
-# warm start trains on every response). Every other one shapes the SFT model (its recipe).
+# Identity fields the SFT stage does not read: DPO's objective and loss, its reference, sft_on (the
+# warm start trains on every response) and PPO's keys. Every other one shapes the SFT model (its recipe).
 NOT_READ_BY_SFT = ("objective", "loss_type", "beta", "label_smoothing", "reference_free", "logps",
-                   "reference_precision", "sft_on")
+                   "reference_precision", "sft_on") + PPO_KEYS
 
 
 def warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log, stop_requests=None) -> TrainingState:
