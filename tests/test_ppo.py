@@ -226,14 +226,14 @@ def test_two_ranks_whose_samples_end_at_different_lengths_take_one_process_s_ste
     probability ~0.3 a token): neither rank waits for the other (the run ends), and two ranks' steps
     are one process's: the same rollouts, rewards and losses, the same final weights."""
     model = eos_heavy_model(tmp_path / "eos_heavy")
-    args = [f"--init_from={model}", "--max_steps=3", "--n_samples=0"]
+    args = [f"--init_from={model}", "--max_steps=2", "--n_samples=0"]
     one = ppo_run(tmp_path / "one", *args)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     returncodes, output = ppo_run(tmp_path / "two", *args, ranks=2)
     assert returncodes == [0, 0], output[-3000:]
     one_lines, two_lines = metrics_of(tmp_path / "one"), metrics_of(tmp_path / "two")
     lengths = [line["tokens/responses_len_mean"] for line in one_lines if "tokens/responses_len_mean" in line]
-    assert len(lengths) == 3 and all(1 <= n < 5 for n in lengths)  # most rows ended early, unevenly
+    assert len(lengths) == 2 and all(1 <= n < 5 for n in lengths)  # most rows ended early, unevenly
     for a, b in zip(one_lines, two_lines):
         assert a.keys() == b.keys()
         for key in a:
@@ -248,13 +248,13 @@ def test_ppo_gt_raises_the_held_out_reward_of_the_demo(demo_run, tmp_path):
     policy's samples rises, and its KL from the start grows from 0."""
     demo_dir, _ = demo_run
     result = ppo_run(tmp_path, f"--init_from={demo_dir / 'sft'}", "--n_embd=64", "--max_len=32",
-                     "--max_prompt_len=16", "--eval_fraction=0.2", "--kl_samples=32", "--max_new_tokens=8",
-                     "--batch_size=16", "--mini_batch_size=16", "--micro_batch_size=16", "--lr=2e-4", "--epochs=2",
+                     "--max_prompt_len=16", "--eval_fraction=0.2", "--kl_samples=16", "--max_new_tokens=8",
+                     "--batch_size=16", "--mini_batch_size=16", "--micro_batch_size=16", "--lr=4e-4", "--epochs=1",
                      "--kl_coef=0.05", "--target_kl=0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evals = [line for line in metrics_of(tmp_path) if "eval/reward" in line]
     assert evals[0]["step"] == 0 and evals[0]["eval/kl"] == 0.0
-    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.2, (evals[0], evals[-1])  # measured: +0.33
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.15, (evals[0], evals[-1])  # measured: +0.26
     assert evals[-1]["eval/kl"] > 0.1
     card = (tmp_path / "final" / "README.md").read_text()
     assert "ppo_train.py" in card and json.load(open(tmp_path / "final" / "config.json"))["architectures"] == [
