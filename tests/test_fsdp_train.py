@@ -343,7 +343,7 @@ def test_frontier_command_on_the_demos_sft_model(demo_run, tmp_path):
     config |= {"sft": None, "betas": [0.5], "dpo": {"lr": 3e-4, "max_steps": 6}, "alphas": [0.5],
                "unlikelihood": {"lr": 3e-4, "max_steps": 3}, "preferred_ft": {"lr": 3e-4, "max_steps": 3},
                "reward_model": {"lr": 2e-3, "max_steps": 3}, "target_kls": [1.0],
-               "ppo": config["ppo"] | {"max_steps": 1, "batch_size": 16, "ppo_epochs": 1, "kl_samples": 8},
+               "ppo": config["ppo"] | {"max_steps": 1, "batch_size": 16, "ppo_epochs": 1},
                "seeds": [0], "generation": config["generation"] | {"k": 3}}
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
     argv = [f"--config_file={tmp_path / 'frontier.yaml'}", f"--out_dir={tmp_path / 'out'}"]
