@@ -249,7 +249,7 @@ def test_ppo_gt_raises_the_held_out_reward_of_the_demo(demo_run, tmp_path):
     demo_dir, _ = demo_run
     result = ppo_run(tmp_path, f"--init_from={demo_dir / 'sft'}", "--n_embd=64", "--max_len=32",
                      "--max_prompt_len=16", "--eval_fraction=0.2", "--kl_samples=16", "--max_new_tokens=8",
-                     "--batch_size=16", "--mini_batch_size=16", "--micro_batch_size=16", "--lr=4e-4", "--epochs=1",
+                     "--batch_size=16", "--mini_batch_size=16", "--micro_batch_size=16", "--lr=5e-4", "--max_steps=4",
                      "--kl_coef=0.05", "--target_kl=0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evals = [line for line in metrics_of(tmp_path) if "eval/reward" in line]
@@ -262,7 +262,7 @@ def test_ppo_gt_raises_the_held_out_reward_of_the_demo(demo_run, tmp_path):
 
 
 def test_a_killed_ppo_run_resumes_to_the_uninterrupted_end(tmp_path):
-    args = ["--max_steps=6", "--ckpt_every=2", "--sharding=none", "--n_samples=0"]
+    args = ["--max_steps=6", "--ckpt_every=2", "--sharding=none", "--n_samples=0", "--micro_batch_size=4"]
     uninterrupted = ppo_run(tmp_path / "whole", *args)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     process = warm.popen(["ppo_train.py", *PPO_TINY, f"--out_dir={tmp_path / 'killed'}", *args])
