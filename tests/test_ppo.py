@@ -254,7 +254,7 @@ def test_ppo_gt_raises_the_held_out_reward_of_the_demo(demo_run, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     evals = [line for line in metrics_of(tmp_path) if "eval/reward" in line]
     assert evals[0]["step"] == 0 and evals[0]["eval/kl"] == 0.0
-    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.15, (evals[0], evals[-1])  # measured: +0.26
+    assert evals[-1]["eval/reward"] > evals[0]["eval/reward"] + 0.15, (evals[0], evals[-1])  # measured: +0.32
     assert evals[-1]["eval/kl"] > 0.1
     card = (tmp_path / "final" / "README.md").read_text()
     assert "ppo_train.py" in card and json.load(open(tmp_path / "final" / "config.json"))["architectures"] == [
