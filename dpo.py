@@ -177,28 +177,34 @@ def unlikelihood_loss(model, batch: PairBatch, alpha: float):
                   "logps/rejected": sums[n_rows // 2:].mean()}
 
 
-def pair_scores(model, batch: PairBatch):
-    """A reward model's scores of a PairBatch's rows, (2B,) fp32 (chosen rows first): the score head read
-    at each row's last token that is not <|endoftext|> (gpt2.last_token_index: where transformers'
+def sequence_scores(model, input_ids):
+    """A reward model's score of each right-padded row, (B,) fp32: the score head read at the row's last
+    token that is not <|endoftext|> (gpt2.last_token_index: where transformers'
     GPT2ForSequenceClassification reads it, so the export scores as this does)."""
-    rows, T = batch.input_ids.shape
-    read_at = torch.arange(rows, device=batch.input_ids.device) * T + last_token_index(batch.input_ids)
-    return model(batch.input_ids, logits_at=read_at, head="score")
+    rows, T = input_ids.shape
+    read_at = torch.arange(rows, device=input_ids.device) * T + last_token_index(input_ids)
+    return model(input_ids, logits_at=read_at, head="score")
+
+
+def pair_scores(model, batch: PairBatch):
+    """The scores of a PairBatch's rows, (2B,): the chosen rows' first."""
+    return sequence_scores(model, batch.input_ids)
 
 
 def reward_model_loss(model, batch: PairBatch):
     """The reward model of the DPO paper's Eq. 2 (Bradley-Terry, as Ziegler et al. 2019 and Stiennon et
-    al. 2020 train it for PPO): loss = -mean over pairs of log sigmoid(r(x, y_c) - r(x, y_r)), and its
-    metrics under DPO's names, rewards/* being the scores r themselves."""
-    chosen, rejected = pair_scores(model, batch).chunk(2)
+    al. 2020 train it for PPO), on one batch (bradley_terry)."""
+    return bradley_terry(*pair_scores(model, batch).chunk(2))
+
+
+def bradley_terry(chosen, rejected):
+    """(B,) scores of the chosen and the rejected responses -> (loss = -mean log sigmoid(r_c - r_r), its
+    metrics under DPO's names, rewards/* being the scores themselves)."""
     loss = -F.logsigmoid(chosen - rejected).mean()
-    return loss, reward_model_metrics(loss, chosen, rejected)
-
-
-def reward_model_metrics(loss, chosen, rejected):
     chosen, rejected = chosen.detach(), rejected.detach()
-    return {"loss": loss.detach(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-            "rewards/accuracies": (chosen > rejected).float().mean(), "rewards/margins": (chosen - rejected).mean()}
+    return loss, {"loss": loss.detach(), "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
+                  "rewards/accuracies": (chosen > rejected).float().mean(),
+                  "rewards/margins": (chosen - rejected).mean()}
 
 
 @dataclass

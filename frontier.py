@@ -47,7 +47,7 @@ import ppo_train
 from data.records import read_prompts
 from generate_pairs import check_generation_options, generate_pairs, write_jsonl
 from gpt2 import GPT
-from train.config import parse_args, read_yaml, shortened
+from train.config import TrainConfig, parse_args, read_yaml, shortened
 from train.distributed import resolve_device, weights_fingerprint
 from train.preemption import StopRequests
 from train.reward import fetch_reward, load_reward
@@ -112,7 +112,8 @@ def check_frontier_config(cfg: FrontierConfig, path):
         if set_here := sorted(set(getattr(cfg, name) or {}) & set(keys)):
             raise ConfigError(f"{path}: {name}: {', '.join(set_here)} is set per run by frontier.py (betas, alphas, "
                               "target_kls, the stage); remove it from the section")
-    if cfg.reward_model is not None and (cfg.trainer | cfg.reward_model).get("eval_fraction", 0.05) == 0:
+    if cfg.reward_model is not None and (cfg.trainer | cfg.reward_model).get("eval_fraction",
+                                                                            TrainConfig().eval_fraction) == 0:
         raise ConfigError(f"{path}: the reward model needs held-out pairs for its accuracy: give reward_model an "
                           "eval_fraction > 0")
     for name in ("betas", "alphas", "target_kls"):

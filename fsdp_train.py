@@ -146,7 +146,8 @@ def main(argv=None, stop_requests=None):
             state.policy, state.reference, state.optimizer, step_input.micro_batches, cfg,
             lr_at(step, total_steps, cfg), state.scaler, step_input.reference_logps, stop_requests)
         if not applied:
-            bad_steps = count_bad_step(step, metrics, grad_norm, step_input, state.scaler, bad_steps, cfg, log)
+            bad_steps = count_bad_step(step, metrics, grad_norm, step_input.pair_indices, step_input.epoch, state.scaler,
+                                       bad_steps, cfg, log)
         step += 1
         if step % cfg.log_every == 0 or step == last_step:
             values, tokens = reduce_across_ranks(metrics, grad_norm, window_tokens, world, device)

@@ -469,8 +469,13 @@ def last_token_index(input_ids, pad_id=EOT_ID):
     """(B, T) -> (B,) the column of each row's last token that is not pad_id: where a reward model reads
     its score, by transformers' GPT2ForSequenceClassification's rule (its pad token is <|endoftext|>,
     so a response's closing <|endoftext|> is not read either; a row of pad_id alone reads column 0)."""
-    columns = torch.arange(input_ids.size(1), device=input_ids.device)
-    return (columns * (input_ids != pad_id)).argmax(-1)
+    return last_true_column(input_ids != pad_id)
+
+
+def last_true_column(mask):
+    """(B, T) bool or 0/1 -> (B,) the column of each row's last True (0 for a row without one)."""
+    columns = torch.arange(mask.size(1), device=mask.device)
+    return (columns * (mask > 0)).argmax(-1)
 
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):

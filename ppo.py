@@ -18,6 +18,8 @@ divided by a count the caller may give (the global count, across ranks). ppo_tra
 tests/test_ppo.py checks each against a plain loop or the formula."""
 import torch
 
+from gpt2 import last_true_column
+
 
 def masked_sum(values, mask):
     return (values * mask).sum()
@@ -28,21 +30,15 @@ def masked_mean(values, mask, count=None):
     return masked_sum(values, mask) / (mask.sum() if count is None else count)
 
 
-def whiten(values, mask, all_reduce=None, shift_mean=True):
+def whiten(values, mask):
     """values normalised to mean 0 and variance 1 over mask's tokens (unbiased variance, as TRL's
-    whiten); positions outside the mask are 0. all_reduce: sums a tensor over ranks in place, so the
-    statistics are the global batch's (two ranks then equal one process)."""
+    whiten); positions outside the mask are 0. (Every rank holds the whole rollout, so these are the
+    global batch's statistics.)"""
     mask = mask.to(values.dtype)
-    moments = torch.stack([mask.sum(), masked_sum(values, mask), masked_sum(values * values, mask)])
-    if all_reduce is not None:
-        all_reduce(moments)
-    count, total, total_sq = moments.unbind()
-    mean = total / count
-    var = (total_sq / count - mean * mean) * count / (count - 1).clamp(min=1)
-    whitened = (values - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask
+    count = mask.sum()
+    mean = masked_sum(values, mask) / count
+    var = (masked_sum(values * values, mask) / count - mean * mean) * count / (count - 1).clamp(min=1)
+    return (values - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8) * mask
 
 
 def kl_penalised_rewards(scores, logps, ref_logps, mask, kl_coef):
@@ -50,15 +46,9 @@ def kl_penalised_rewards(scores, logps, ref_logps, mask, kl_coef):
     token's log-ratio, and the score added at each row's last token (mask's last True)."""
     mask = mask.to(logps.dtype)
     rewards = -kl_coef * (logps - ref_logps) * mask
-    last = last_true_index(mask)
+    last = last_true_column(mask)
     return rewards.index_put((torch.arange(len(scores), device=scores.device), last),
                              scores.to(rewards.dtype), accumulate=True)
-
-
-def last_true_index(mask):
-    """(B, T) 0/1 -> (B,) the column of each row's last 1 (0 for a row of 0s)."""
-    columns = torch.arange(mask.size(1), device=mask.device)
-    return (columns * (mask > 0)).argmax(-1)
 
 
 def gae(rewards, values, mask, gamma, lam):

@@ -32,7 +32,7 @@ import ppo_train  # noqa: E402
 from bench.report import git_state  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS  # noqa: E402
 from train.distributed import resolve_device  # noqa: E402
-from train.run_dir import read_metrics  # noqa: E402
+from train.run_dir import read_metrics, write_atomic  # noqa: E402
 
 
 def build_parser():
@@ -95,9 +95,7 @@ def main(argv=None):
     print(json.dumps(row))
     os.makedirs(args.results_dir, exist_ok=True)
     path = os.path.join(args.results_dir, f"{device.type}-ppo-{args.size}-{time.strftime('%Y%m%d')}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(result, indent=1))
     print(f"wrote {path}")
 
 

@@ -128,6 +128,13 @@ def grouped_epoch_order(pairs: list[Pair], seed: int, epoch: int) -> list[int]:
             for index in pairs_by_group[groups[g]]]
 
 
+def step_batch(step: int, n_items: int, batch_size: int, order_of_epoch) -> tuple[int, list[int]]:
+    """(epoch, the global batch of optimizer step `step`): epoch order_of_epoch(epoch) (indices into
+    n_items) cut into batches of batch_size, the remainder dropped; a pure function of the step."""
+    epoch, position = divmod(step, n_items // batch_size)
+    return epoch, order_of_epoch(epoch)[position * batch_size:(position + 1) * batch_size]
+
+
 def rank_slice(items: list, rank: int, world_size: int) -> list:
     """The contiguous part of one global batch that `rank` takes; the ranks' parts partition it."""
     if not 0 <= rank < world_size:

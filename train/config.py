@@ -172,7 +172,8 @@ MAX_SEED = 2**32 - 1  # numpy's and every generator's range; the seed also offse
 POSITIVE = ("n_layer", "n_head", "n_embd", "n_positions", "max_prompt_len", "max_len", "batch_size",
             "micro_batch_size", "epochs", "log_every", "max_new_tokens", "keep_checkpoints", "ppo_epochs",
             "mini_batch_size", "kl_horizon")
-NON_NEGATIVE = ("kl_coef", "target_kl", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "unlikelihood_alpha", "sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
+NON_NEGATIVE = ("kl_coef", "target_kl", "gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "unlikelihood_alpha",
+                "sft_steps", "sft_lr", "max_records", "warmup_steps", "max_steps", "grad_clip", "max_bad_steps", "eval_every",
                 "kl_samples", "n_samples", "ckpt_every", "lr", "weight_decay", "temperature")
 
 
@@ -315,7 +316,7 @@ def validate(cfg: TrainConfig, prog="fsdp_train.py"):
 DESCRIPTIONS = {
     "fsdp_train.py": "DPO (and SFT, unlikelihood, a reward model) for GPT-2 with FSDP2. Launch with torchrun for "
                      "several processes: torchrun --nproc_per_node N fsdp_train.py --config_file config/X.yaml",
-    "ppo_train.py": "PPO for GPT-2 with FSDP2, on a ground-truth reward or a reward model (reward: rm:DIR). Launch "
+    "ppo_train.py": "PPO for GPT-2 with FSDP2, on a ground-truth reward or a reward model (ppo_reward: rm:DIR). Launch "
                     "with torchrun for several processes: torchrun --nproc_per_node N ppo_train.py --config_file X.yaml",
 }
 

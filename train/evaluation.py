@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from data.batches import collate, left_pad
 from data.records import read_prompts
 from data.tokenizer import EOT_ID, decode, encode
-from dpo import PairLogps, concatenated_logps, dpo_loss, pair_scores, reward_model_metrics, span_kl
+from dpo import PairLogps, bradley_terry, concatenated_logps, dpo_loss, pair_scores, span_kl
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
 from train.checkpoint import file_fingerprint
@@ -110,9 +110,8 @@ def evaluate_reward_model(model, eval_pairs, cfg, rank, world, device):
     scores = map_pairs(eval_pairs, lambda batch: torch.stack(pair_scores(model, batch).chunk(2), dim=-1),
                        cfg, rank, world, device)  # (N, 2)
     model.train()
-    chosen, rejected = scores.unbind(-1)
-    loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-    return {f"eval/{k}": v for k, v in reward_model_metrics(loss, chosen, rejected).items()}
+    _, metrics = bradley_terry(*scores.unbind(-1))
+    return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def sampled_metrics(policy, reference, prompts, cfg, device):

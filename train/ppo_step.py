@@ -51,8 +51,8 @@ def ppo_updates(state, rollout: Rollout, advantages, returns, cfg, step, lr, ran
             metrics, grad_norm, applied, signal = optimizer_step(state.policy, state.optimizer, micro_batches,
                                                                  share_of, cfg, lr, state.scaler, stop_requests)
             if not applied:
-                bad_steps = count_bad_step(step, metrics, grad_norm, minibatch_input(rollout, minibatch, epoch),
-                                           state.scaler, bad_steps, cfg, log, what="prompts")
+                bad_steps = count_bad_step(step, metrics, grad_norm, [rollout.prompt_indices[r] for r in minibatch],
+                                           epoch, state.scaler, bad_steps, cfg, log, what="prompts")
             stop_signal = max(stop_signal, signal)
             n_tokens += sum(len(rollout.prompts[r]) + rollout.responses.size(1) for r in local)
             n_updates += 1
@@ -74,10 +74,3 @@ def update_loss(policy, rollout, advantages, returns, rows, count, cfg, world):
                "ppo/val/vpred": masked_sum(values.detach(), mask) / count * world}
     metrics |= {f"ppo/{k}": v * world for k, v in (pg_metrics | vf_metrics).items()}
     return loss, metrics
-
-
-class minibatch_input:
-    """What count_bad_step names of a mini-batch that was not applied."""
-
-    def __init__(self, rollout, minibatch, epoch):
-        self.pair_indices, self.epoch = [rollout.prompt_indices[r] for r in minibatch], epoch

@@ -21,8 +21,7 @@ import json
 import os
 
 from errors import ConfigError
-from gpt2 import (WeightsError, hub_snapshot, last_token_index, looks_like_a_path, read_hf_config,
-                  resolve_checkpoint_dir, weight_files)
+from gpt2 import WeightsError, hub_snapshot, looks_like_a_path, read_hf_config, resolve_checkpoint_dir, weight_files
 
 SPEC_HELP = ("vader (offline sentiment lexicon; pip install vaderSentiment), hf:<hub id or directory> "
              "(a text-classification model's positive-class probability; needs transformers), "
@@ -92,9 +91,10 @@ def check_reward_model_dir(path, spec) -> str:
     """rm:<dir>: a GPT-2 reward model folder (config.json naming GPT2ForSequenceClassification with one
     label, safetensors weights), checked before any work."""
     try:
-        config_path = os.path.join(resolve_checkpoint_dir(path), "config.json")
-        read_hf_config(os.path.dirname(config_path))
-        weight_files(os.path.dirname(config_path))
+        directory = resolve_checkpoint_dir(path)
+        read_hf_config(directory)  # a GPT-2 config.json
+        weight_files(directory)  # safetensors weights
+        config_path = os.path.join(directory, "config.json")
         with open(config_path, "rb") as f:
             config = json.loads(f.read())
     except (WeightsError, OSError, ValueError) as err:
@@ -175,15 +175,14 @@ class RewardModel:
     def score(self, prompts, continuations) -> list[float]:
         from data.batches import right_pad
         from data.tokenizer import encode
+        from dpo import sequence_scores
         limit = self.model.config.n_positions
         rows = [(encode(p) + encode(c))[-limit:] for p, c in zip(prompts, continuations)]
         scores = []
         for start in range(0, len(rows), self.batch_size):
             input_ids = right_pad(rows[start:start + self.batch_size]).to(self.device)
-            read_at = self.torch.arange(len(input_ids), device=self.device) * input_ids.size(1) + \
-                last_token_index(input_ids)
             with self.torch.no_grad():
-                scores += self.model(input_ids, logits_at=read_at, head="score").tolist()
+                scores += sequence_scores(self.model, input_ids).tolist()
         return scores
 
 

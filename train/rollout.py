@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.batches import epoch_order, left_pad, rank_slice
+from data.batches import epoch_order, left_pad, rank_slice, step_batch
 from dpo import padded_model_inputs, token_logps
 from ppo import entropy_of
 from data.tokenizer import decode
@@ -39,8 +39,7 @@ class Rollout:
 def rollout_prompts(step, n_prompts, cfg) -> list[int]:
     """The global batch of PPO step `step`: batch_size prompt indices, a pure function of seed, epoch
     and position (an epoch is one pass over the training prompts)."""
-    epoch, position = divmod(step, n_prompts // cfg.batch_size)
-    return epoch_order(n_prompts, cfg.seed, epoch)[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+    return step_batch(step, n_prompts, cfg.batch_size, lambda epoch: epoch_order(n_prompts, cfg.seed, epoch))[1]
 
 
 def rollout_uniforms(seed, step, n_rows, n_tokens):

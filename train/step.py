@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data.batches import PackedBatch, PairBatch, collate, epoch_order, grouped_epoch_order, rank_slice
+from data.batches import PackedBatch, PairBatch, collate, epoch_order, grouped_epoch_order, rank_slice, step_batch
 from dpo import concatenated_logps, dpo_loss, reward_model_loss, sft_loss, unlikelihood_loss
 from errors import TrainingStopped
 from train import checkpoint
@@ -112,10 +112,9 @@ class StepInput:
 def assemble_step(step, train_pairs, cfg, rank, world, device, cached_reference_logps=None) -> StepInput:
     """The global batch of optimizer step `step` (a pure function of seed, epoch and position),
     this rank's slice of it, cut into micro-batches."""
-    epoch, position = divmod(step, len(train_pairs) // cfg.batch_size)
-    order = (grouped_epoch_order(train_pairs, cfg.seed, epoch) if cfg.group_order
-             else epoch_order(len(train_pairs), cfg.seed, epoch))
-    global_batch = order[position * cfg.batch_size:(position + 1) * cfg.batch_size]
+    epoch, global_batch = step_batch(step, len(train_pairs), cfg.batch_size, lambda epoch: (
+        grouped_epoch_order(train_pairs, cfg.seed, epoch) if cfg.group_order
+        else epoch_order(len(train_pairs), cfg.seed, epoch)))
     local = rank_slice(global_batch, rank, world)
     micro_batches, n_tokens = [], 0
     reference_logps = None if cached_reference_logps is None else []
@@ -129,17 +128,16 @@ def assemble_step(step, train_pairs, cfg, rank, world, device, cached_reference_
     return StepInput(epoch, global_batch, micro_batches, reference_logps, n_tokens)
 
 
-def count_bad_step(step, metrics, grad_norm, step_input, scaler, bad_steps, cfg, log, what="pairs") -> int:
+def count_bad_step(step, metrics, grad_norm, items, epoch, scaler, bad_steps, cfg, log, what="pairs") -> int:
     """A step that was not applied. fp16 overflows are routine (the scaler halves its scale and
     retries on the next batch); a non-finite step at the smallest scale is a real one, as is any in
     bf16/fp32: counted, and past max_bad_steps the run stops."""
     if scaler.enabled and scaler.scale > scaler.min_scale:
         return bad_steps
     bad_steps += 1
-    pairs = step_input.pair_indices
     log(f"step {step + 1}: non-finite loss ({float(metrics['loss']):.4g}) or gradient norm "
-        f"({float(grad_norm):.4g}) on {what} {pairs[:8]}{'...' if len(pairs) > 8 else ''} "
-        f"(epoch {step_input.epoch}); the update was not applied ({bad_steps} such step(s), max_bad_steps={cfg.max_bad_steps})")
+        f"({float(grad_norm):.4g}) on {what} {items[:8]}{'...' if len(items) > 8 else ''} "
+        f"(epoch {epoch}); the update was not applied ({bad_steps} such step(s), max_bad_steps={cfg.max_bad_steps})")
     if bad_steps > cfg.max_bad_steps:
         ckpts = checkpoint.complete_checkpoints(cfg.out_dir)
         raise TrainingStopped(f"stopping at step {step + 1}: non-finite loss or gradient norm. Last good "

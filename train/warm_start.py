@@ -58,8 +58,8 @@ def warm_start(cfg, train_pairs, data_sha256, rank, world, device, mesh, log, st
                                                                   lr_at(step, cfg.sft_steps, sft_cfg), state.scaler,
                                                                   stop_requests=stop_requests)
             if not applied:  # counted against max_bad_steps as DPO's steps are
-                bad_steps = count_bad_step(step, metrics, grad_norm, step_input, state.scaler, bad_steps, sft_cfg,
-                                           log)
+                bad_steps = count_bad_step(step, metrics, grad_norm, step_input.pair_indices, step_input.epoch,
+                                           state.scaler, bad_steps, sft_cfg, log)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.sft_steps:
                 values, _ = reduce_across_ranks(metrics, grad_norm, 0, world, device)
                 log(f"sft step {step + 1}/{cfg.sft_steps} | loss {values['loss']:.4f} | norm {values['grad_norm']:.2f}")
