@@ -124,16 +124,16 @@ def check_frontier_config(cfg: FrontierConfig, path):
     if not (isinstance(cfg.seeds, list) and cfg.seeds and len(set(cfg.seeds)) == len(cfg.seeds)
             and all(type(seed) is int and seed >= 0 for seed in cfg.seeds)):
         raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0, got {shortened(cfg.seeds)}")
-    stages = [(fsdp_train, {"objective": "sft", "sft_on": "all"} | (cfg.sft or {}))]
-    stages += [(run["job"], run["options"]) for run in planned_runs(cfg, "pairs.jsonl", "best.jsonl")]
-    for job, options in stages:  # the trainer's own checks, with the demo set standing in for pairs not made yet
-        parse_args(as_argv(cfg.trainer | options | {"dataset": "demo", "out_dir": cfg.out_dir}),
-                   prog=f"{job.__name__}.py")
+    stages = [(fsdp_train, {"objective": "sft", "sft_on": "all"} | (cfg.sft or {}))]  # its own data (text, demo)
+    stages += [(run["job"], run["options"] | {"dataset": "demo"})  # the demo set standing in for pairs not made yet
+               for run in planned_runs(cfg, "pairs.jsonl", "best.jsonl")]
+    for job, options in stages:  # the trainer's own checks
+        parse_args(as_argv(cfg.trainer | options | {"out_dir": cfg.out_dir}), prog=f"{job.__name__}.py")
     prompt_texts(cfg)
     fetch_reward(cfg.trainer["reward"])  # its form, its package, and a classifier's files, before any stage
 
 
-SET_PER_RUN = {"dpo": ("objective", "beta"), "unlikelihood": ("objective", "unlikelihood_alpha"),
+SET_PER_RUN = {"sft": ("objective",), "dpo": ("objective", "beta"), "unlikelihood": ("objective", "unlikelihood_alpha"),
                "preferred_ft": ("objective", "data_path"), "reward_model": ("objective",),
                "ppo": ("objective", "ppo_reward", "target_kl"), "trainer": ("objective", "beta", "unlikelihood_alpha",
                                                                            "ppo_reward", "target_kl", "seed")}

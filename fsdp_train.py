@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from data.batches import check_batch_sizes, data_fingerprint, pairs_of, split_groups, truncate_groups
 from data.formats import load_preferences
+from data.texts import load_texts
 from errors import ConfigError, Preempted, exit_code_of
 from gpt2 import SCORE_HEAD
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
@@ -46,8 +47,11 @@ from train.warm_start import sft_pairs, warm_start
 def load_data(cfg: TrainConfig):
     """Files -> (train pairs, eval pairs, counts, the data's sha256). Runs before any process group
     or GPU work, so bad data stops the run before anything is written."""
-    groups, counts = load_preferences(cfg.dataset, cfg.data_path, **data_options(cfg))
-    groups, counts["dropped_by_truncation"] = truncate_groups(groups, cfg.max_prompt_len, cfg.max_len)
+    if cfg.dataset == "text":  # plain text for SFT: a group per text, cut to max_len (data/texts.py)
+        groups, counts = load_texts(cfg.data_path, cfg.max_len, **data_options(cfg))
+    else:
+        groups, counts = load_preferences(cfg.dataset, cfg.data_path, **data_options(cfg))
+        groups, counts["dropped_by_truncation"] = truncate_groups(groups, cfg.max_prompt_len, cfg.max_len)
     train_groups, eval_groups = split_groups(groups, cfg.eval_fraction, cfg.seed)
     train_pairs, eval_pairs = pairs_of(train_groups), pairs_of(eval_groups)
     if cfg.objective == "sft" and cfg.sft_on == "all":

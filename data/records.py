@@ -11,7 +11,7 @@ from errors import ConfigError, DataError
 
 def check_exists(path):
     if not os.path.isfile(path):
-        raise DataError(f"preference file not found: {path!r} "
+        raise DataError(f"data file not found: {path!r} "
                         f"(check the path; relative paths start at {os.getcwd()!r})")
 
 

@@ -452,13 +452,15 @@ def test_hand_built_pairs_must_name_their_responses():
         collate_pairs_shared_prompt(colliding)
 
 
-def test_imdb_prompts_are_2_to_8_token_prefixes_of_the_long_reviews(tmp_path):
-    """data/imdb_prompts.py on a local copy laid out as the hub's stanfordnlp/imdb: reviews of 200
+def test_imdb_prompts_are_2_to_8_token_prefixes_of_the_long_reviews_and_texts_every_review(tmp_path):
+    """data/imdb.py on a local copy laid out as the hub's stanfordnlp/imdb: reviews of 200
     characters or fewer are skipped (TRL's recipe), every prompt is the start of a review and 2 to 8
-    GPT-2 tokens long, the file reads back as prompts, and the same seed writes the same file."""
+    GPT-2 tokens long, the file reads back as prompts, and the same seed writes the same file.
+    `texts` writes every review, short ones too, in order, as SFT's plain text reads them."""
     pyarrow = pytest.importorskip("pyarrow")
     import pyarrow.parquet
-    from data.imdb_prompts import main
+    from data.imdb import main
+    from data.texts import load_texts
     from data.records import read_prompts
     from data.tokenizer import encode
     long_reviews = [f"Review number {i}: this film was {'good' if i % 2 else 'bad'}, " + "and so on " * 30
@@ -467,11 +469,14 @@ def test_imdb_prompts_are_2_to_8_token_prefixes_of_the_long_reviews(tmp_path):
     pyarrow.parquet.write_table(pyarrow.table({"text": long_reviews + ["Too short to keep."], "label": [0] * 41}),
                                 tmp_path / "imdb" / "plain_text" / "test-00000-of-00001.parquet")
     out = tmp_path / "test_prompts.jsonl"
-    main(["--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(out)])
+    main(["prompts", "--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(out)])
     prompts = read_prompts(str(out))
     assert 20 <= len(prompts) == len(set(prompts)) and "Too short" not in "".join(prompts)  # distinct prefixes
     assert all(2 <= len(encode(p)) <= 8 and any(r.startswith(p) for r in long_reviews) for p in prompts)
     assert len({len(encode(p)) for p in prompts}) > 3  # the lengths are drawn, not fixed
     first = out.read_text()
-    main(["--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(out)])
+    main(["prompts", "--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(out)])
     assert out.read_text() == first
+    main(["texts", "--split", "test", "--dataset", str(tmp_path / "imdb"), "--out", str(tmp_path / "texts.jsonl")])
+    groups, _ = load_texts(str(tmp_path / "texts.jsonl"), max_len=1000)
+    assert [group.responses[0] for group in groups] == [encode(r) + [50256] for r in long_reviews + ["Too short to keep."]]

@@ -45,6 +45,8 @@ def demo_config(**changes):
     ({"dpo": {"beta": 0.5}}, "dpo: beta is set per run by frontier.py"),
     ({"reward_model": {"eval_fraction": 0}}, "the reward model needs held-out pairs for its accuracy"),
     ({"reward_model": None}, "ppo and reward_model go together"),
+    ({"sft": {"objective": "dpo"}}, "sft: objective is set per run by frontier.py"),
+    ({"sft": {"dataset": "text", "data_path": "reviews.jsonl", "lr_schedule": "linear"}}, "lr_schedule='linear'"),
 ])
 def test_a_bad_frontier_config_is_refused_before_any_stage(tmp_path, capsys, changes, message):
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(demo_config(**changes)))
@@ -53,6 +55,23 @@ def test_a_bad_frontier_config_is_refused_before_any_stage(tmp_path, capsys, cha
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out_dir.exists()
+
+
+def test_the_paper_scale_config_passes_every_check_and_plans_the_papers_runs(tmp_path, monkeypatch):
+    """config/frontier_gpt2_imdb.yaml, with its three IMDb files in the working directory (stand-ins) and
+    the classifier's download skipped: every stage's options pass the trainer's checks, SFT reads the
+    reviews as plain text, and the runs are the paper's 22 per seed (preferred-FT once) with a reward model."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(frontier, "fetch_reward", lambda spec: None)
+    (tmp_path / "imdb_train_texts.jsonl").write_text('{"text": "A film."}\n')
+    for name in ("prompts.jsonl", "test_prompts.jsonl"):
+        (tmp_path / name).write_text('{"prompt": "This movie"}\n')
+    cfg = frontier.read_config(str(ROOT / "config" / "frontier_gpt2_imdb.yaml"))
+    assert cfg.trainer["init_from"] == "gpt2-large" and cfg.sft["dataset"] == "text"
+    runs = frontier.planned_runs(cfg, "pairs.jsonl", "best.jsonl")
+    per_seed = {method: sum(run["method"] == method for run in runs) / len(cfg.seeds) for method in
+                ("dpo", "unlikelihood", "ppo", "ppo_gt", "preferred_ft", "reward_model")}
+    assert per_seed == {"dpo": 4, "unlikelihood": 4, "ppo": 4, "ppo_gt": 4, "preferred_ft": 1, "reward_model": 1}
 
 
 def test_a_multi_process_launch_of_the_frontier_is_refused_on_every_rank(tmp_path):

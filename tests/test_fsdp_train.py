@@ -385,6 +385,7 @@ def test_frontier_command_on_the_demos_sft_model(demo_run, tmp_path):
     (["--dataset=jsonl", "--data_path=does/not/exist.jsonl"], "does/not/exist.jsonl"),
     (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
     (["--lr=inf"], "lr must be a finite number, got inf"),
+    (["--dataset=text", "--data_path=reviews.jsonl"], "dataset=text is plain text, without prompts or preferences"),
     (["--grad_clip=nan"], "grad_clip must be a finite number, got nan"),
     (["--temperature=nan"], "temperature must be a finite number, got nan"),
     (["--adam_beta1=1"], "adam_beta1 must be in [0, 1), got 1.0"),
@@ -401,6 +402,41 @@ def test_bad_config_fails_before_writing_anything(tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert not out_dir.exists()
+
+
+def test_sft_on_plain_text_is_transformers_nll_of_each_text_after_endoftext(tmp_path):
+    """dataset: text (the paper's SFT on IMDb reviews): each text is scored as transformers' language
+    model loss scores <|endoftext|> + the text + <|endoftext|>, cut to max_len. From the same starting
+    weights, the first step's loss (all four training texts, before the update) is their pooled NLL per
+    token, the first eval's loss the held-out text's; duplicates and empty texts are dropped; and the
+    training loss falls."""
+    from transformers import GPT2Config
+    from data.tokenizer import encode
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0, embd_pdrop=0,
+                               attn_pdrop=0)).save_pretrained(start)
+    texts = ["A wonderful film, I loved it.", "Dull and far too long.", "Fine.", "Fine.", " ",
+             "The best performance of the year, " * 8, "I want my two hours back!"]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    result = run_python(tmp_path / "run", f"--init_from={start}", "--dataset=text", f"--data_path={tmp_path / 'texts.jsonl'}",
+                        "--objective=sft", "--eval_fraction=0.2", "--batch_size=4", "--micro_batch_size=4",
+                        "--max_steps=6", "--epochs=6", "--kl_samples=0", "--n_samples=0")
+    assert '"texts": 5, "dropped_empty": 1, "dropped_duplicate": 1, "cut": 1' in result.stdout
+    model = GPT2LMHeadModel.from_pretrained(start).eval()
+    nll = {}  # text -> (summed NLL, tokens)
+    for text in dict.fromkeys(texts[:4] + texts[5:]):
+        ids = torch.tensor([[50256] + (encode(text) + [50256])[:31]])
+        with torch.no_grad():
+            n_tokens = ids.size(1) - 1
+            nll[text] = (model(ids, labels=ids).loss.item() * n_tokens, n_tokens)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first_eval, steps = lines[0], [line for line in lines if "loss" in line and "step" in line]
+    held_out = [text for text in nll if abs(first_eval["eval/loss"] - nll[text][0] / nll[text][1]) < 1e-5]
+    assert len(held_out) == 1, (first_eval, nll)
+    train = [nll[text] for text in nll if text != held_out[0]]
+    assert steps[0]["loss"] == pytest.approx(sum(s for s, _ in train) / sum(n for _, n in train), rel=1e-5)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
 
 
 def test_init_from_model_too_short_for_max_len_is_refused_before_loading(tmp_path):

@@ -21,6 +21,8 @@ from errors import ConfigError
 from gpt2 import GPTConfig, HEAD_PRECISIONS
 from train.reward import SPEC_HELP, check_reward_spec
 
+DATASETS = KINDS + ("text",)  # the preference formats, and plain text for SFT (data/texts.py)
+
 
 def option(default, help, identity=False):
     """A config field: its default, its --help text, and whether it fixes the run's trajectory (its
@@ -44,8 +46,9 @@ class TrainConfig:
     n_embd: int = option(64, "width, with init_from=scratch", identity=True)
     n_positions: int = option(128, "context length, with init_from=scratch", identity=True)
     # --- data
-    dataset: str = option("demo", f"data format: one of {', '.join(KINDS)} (demo needs no file; jsonl reads TRL's "
-                          "explicit, implicit-prompt and conversational records; hub reads a dataset repo)")
+    dataset: str = option("demo", f"data format: one of {', '.join(DATASETS)} (demo needs no file; jsonl reads TRL's "
+                          "explicit, implicit-prompt and conversational records; hub reads a dataset repo; text: "
+                          "records with a \"text\" string, plain text for objective sft, e.g. IMDb's reviews)")
     data_path: str = option("", "file to read (lm_human_preferences: a path, or 'sentiment'/'descriptiveness' to "
                             "download OpenAI's offline_5k.json; hub: 'org/name', 'org/name/subdir' or a local "
                             "directory); ignored for demo")
@@ -54,8 +57,9 @@ class TrainConfig:
     hub_format: str = option("jsonl", f"hub: read the records as {' or '.join(HUB_FORMATS)} (HH-RLHF dialogues)")
     append_eos: str = option("auto", "end every chosen and rejected response with <|endoftext|> (50256) and score "
                              "it, as the DPO authors' code and TRL do: true, false, or auto (true for jsonl, hh, "
-                             "hub and demo; false for lm_human_preferences, whose samples are cut mid-text)")
-    max_records: int = option(0, "keep only the first N records (0 = all; OpenAI trained on 4992 of offline_5k)")
+                             "hub, demo and text; false for lm_human_preferences, whose samples are cut mid-text)")
+    max_records: int = option(0, "lm_human_preferences and text: keep only the first N records (0 = all; OpenAI "
+                              "trained on 4992 of offline_5k)")
     max_prompt_len: int = option(64, "prompt tokens kept; longer prompts keep their LAST tokens (the recent context)")
     max_len: int = option(88, "prompt + response tokens; responses are cut to max_len - prompt length")
     eval_fraction: float = option(0.05, "fraction of prompts (groups) held out for evaluation", identity=True)
@@ -161,7 +165,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    "device": ("auto", "cpu", "cuda"), "dataset": KINDS, "objective": ("dpo", "sft", "unlikelihood", "reward_model", "ppo"),
+    "device": ("auto", "cpu", "cuda"), "dataset": DATASETS, "objective": ("dpo", "sft", "unlikelihood", "reward_model", "ppo"),
     "loss_type": LOSS_TYPES,
     "logps": ("auto", "sum", "mean"), "sft_on": ("chosen", "all"), "lr_schedule": ("constant", "cosine"),
     "precision": ("bf16", "fp16", "fp32"), "append_eos": ("auto", "true", "false"), "hub_format": HUB_FORMATS,
@@ -367,6 +371,9 @@ def check_objective(cfg: TrainConfig, prog):
     if (cfg.objective == "ppo") != (prog == "ppo_train.py"):
         raise ConfigError(f"objective={cfg.objective} is trained by "
                           f"{'ppo_train.py' if cfg.objective == 'ppo' else 'fsdp_train.py'}, not {prog}")
+    if cfg.dataset == "text" and cfg.objective != "sft":
+        raise ConfigError(f"dataset=text is plain text, without prompts or preferences: only objective=sft trains on "
+                          f"it (the paper's SFT stage); objective={cfg.objective} reads preference pairs")
     if cfg.ppo_reward:
         check_reward_spec(cfg.ppo_reward)
     if cfg.objective == "ppo":
@@ -402,9 +409,9 @@ def check_sharding(cfg: TrainConfig, world_size: int = 1):
 
 
 def data_options(cfg: TrainConfig) -> dict:
-    """load_preferences' keyword arguments for this config."""
+    """The loader's keyword arguments for this config (load_preferences', or load_texts' for text)."""
     options = {"append_eos": None if cfg.append_eos == "auto" else cfg.append_eos == "true"}
-    if cfg.dataset == "lm_human_preferences":
+    if cfg.dataset in ("lm_human_preferences", "text"):
         options["max_records"] = cfg.max_records or None
     if cfg.dataset == "hub":
         options |= {"split": cfg.split, "revision": cfg.data_revision or None, "hub_format": cfg.hub_format}

@@ -88,11 +88,14 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
             reference_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(reference), cfg, rank, world, device))
             reference_logps = reference_logps.chosen, reference_logps.rejected
         sft = cfg.objective != "dpo"  # sft and unlikelihood: the preference metrics of the policy alone
-        _, metrics = dpo_loss(policy_logps, *(reference_logps or (None, None)), beta=cfg.beta,
-                              loss_type="sigmoid" if sft else cfg.loss_type,
-                              label_smoothing=0.0 if sft else cfg.label_smoothing,
-                              reference_free=reference_logps is None, average=logps_average(cfg))
-    if cfg.objective != "dpo":  # the preference loss above is not what these train: don't log it as "loss"
+        if cfg.dataset != "text":  # held-out texts hold no preference to measure, only their likelihood
+            _, metrics = dpo_loss(policy_logps, *(reference_logps or (None, None)), beta=cfg.beta,
+                                  loss_type="sigmoid" if sft else cfg.loss_type,
+                                  label_smoothing=0.0 if sft else cfg.label_smoothing,
+                                  reference_free=reference_logps is None, average=logps_average(cfg))
+        if cfg.objective == "sft":  # what SFT trains, held out: NLL per chosen-response (or text) token
+            metrics["loss"] = -policy_logps.chosen.sum() / policy_logps.chosen_tokens.sum()
+    if cfg.objective not in ("dpo", "sft"):  # the preference loss above is not what these train: not "loss"
         metrics.pop("loss", None)
     prompts = eval_sample_prompts(cfg, eval_pairs, cfg.kl_samples)
     if prompts and (reference is not None or cfg.reward):
