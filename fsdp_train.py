@@ -142,8 +142,9 @@ def main(argv=None, stop_requests=None):
     stop_if_asked(stop_requests, device, "the first samples and eval")
 
     log(f"training: {max(0, last_step - step)} steps of {cfg.batch_size} pairs ({steps_per_epoch} steps per epoch)")
-    t_start, step_start, window_tokens, t_window, bad_steps = time.time(), step, 0, time.time(), 0
+    t_start, step_start, window_tokens, window_s, window_steps, bad_steps = time.time(), step, 0, 0.0, 0, 0
     while step < last_step:
+        t_step = time.time()
         step_input = assemble_step(step, train_pairs, cfg, rank, world, device, reference_logps)
         window_tokens += step_input.n_tokens
         metrics, grad_norm, applied, stop_signal = train_step(
@@ -153,18 +154,18 @@ def main(argv=None, stop_requests=None):
             bad_steps = count_bad_step(step, metrics, grad_norm, step_input.pair_indices, step_input.epoch, state.scaler,
                                        bad_steps, cfg, log)
         step += 1
+        window_s, window_steps = window_s + time.time() - t_step, window_steps + 1  # evals and saves not counted
         if step % cfg.log_every == 0 or step == last_step:
             values, tokens = reduce_across_ranks(metrics, grad_norm, window_tokens, world, device)
-            now = time.time()
-            values |= {"lr": lr_at(step - 1, total_steps, cfg), "tokens_per_s": tokens / (now - t_window),
-                       "epoch": step / steps_per_epoch}  # fractional, as TRL's
+            values |= {"lr": lr_at(step - 1, total_steps, cfg), "tokens_per_s": tokens / window_s,
+                       "step_s": window_s / window_steps, "epoch": step / steps_per_epoch}  # fractional, as TRL's
             metrics_log.record(step, values)
-            eta_s = (now - t_start) / (step - step_start) * (last_step - step)
+            eta_s = (time.time() - t_start) / (step - step_start) * (last_step - step)
             log(format_log_line(f"step {step}/{last_step}", values, device, eta_s))
-            window_tokens, t_window = 0, now
+            window_tokens, window_s, window_steps = 0, 0.0, 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
-            line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                                     cfg, rank, world, device))
+            line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs,
+                                                           reference_eval_logps, cfg, rank, world, device))
             log(format_log_line("eval", line))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
             save(cfg, state, step, steps_per_epoch, identity, device)
@@ -198,10 +199,17 @@ def first_samples_and_eval(cfg, state, step, eval_pairs, reference_eval_logps, m
         before, before_rewards = sample_texts(state.policy, sample_prompts, cfg, device)
         on_rank0(write_samples_before, device, "write samples.md", cfg, sample_prompts, before, before_rewards)
     if step == 0 and (eval_pairs or cfg.eval_prompts):
-        line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                                 cfg, rank, world, device))
+        line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
+                                                       cfg, rank, world, device))
         log(format_log_line("eval", line))
     return sample_prompts
+
+
+def timed_evaluate(*args) -> dict:
+    """evaluate(*args) (train/evaluation.py), with the seconds it took as eval/seconds."""
+    started = time.time()
+    metrics = evaluate(*args)
+    return metrics | {"eval/seconds": time.time() - started}
 
 
 def start_job(cfg, batch_size, batch_size_name="batch_size"):
@@ -230,8 +238,8 @@ def finish(cfg, state, step, step_start, steps_per_epoch, identity, eval_pairs, 
     (start_or_resume)."""
     line = None if step > step_start else on_rank0(recorded_final_eval, device, "read metrics.jsonl", cfg.out_dir, step)
     if line is None:
-        line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
-                                                 cfg, rank, world, device))
+        line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
+                                                       cfg, rank, world, device))
     log(format_log_line("final eval", line))
     if step > step_start:
         save(cfg, state, step, steps_per_epoch, identity, device)

@@ -33,11 +33,11 @@ import time
 import fsdp_train
 from errors import ConfigError
 from fsdp_train import (finish, first_samples_and_eval, format_log_line, load_data, peak_memory_gib, plan_steps,
-                        resume_point, start_job, stop_if_asked)
+                        resume_point, start_job, stop_if_asked, timed_evaluate)
 from ppo import KLController, masked_mean
 from train.config import parse_args
 from train.distributed import build_training_state
-from train.evaluation import distinct_prompts, evaluate
+from train.evaluation import distinct_prompts
 from train.optim import lr_at
 from train.preemption import StopRequests
 from train.resume import save, stop_after_signal
@@ -72,7 +72,7 @@ def main(argv=None, stop_requests=None):
 
     log(f"training: {max(0, last_step - step)} PPO steps of {cfg.batch_size} rollouts, {cfg.ppo_epochs} epochs of "
         f"mini-batches of {cfg.mini_batch_size} each ({steps_per_epoch} steps per pass over the prompts)")
-    t_start, step_start, bad_steps = time.time(), step, 0
+    t_start, step_start, bad_steps, window_s, window_steps = time.time(), step, 0, 0.0, 0
     while step < last_step:
         t_rollout = time.time()
         rollout = make_rollout(state.policy, state.reference, train_prompts, step, cfg, rank, world, device)
@@ -89,18 +89,20 @@ def main(argv=None, stop_requests=None):
         state.extra["kl_coef"] = KLController(kl_coef, cfg.target_kl, cfg.kl_horizon).update(
             rollout_values["objective/kl"], cfg.batch_size)
         step += 1
+        window_s, window_steps = window_s + t_end - t_rollout, window_steps + 1  # evals and saves not counted
         if step % cfg.log_every == 0 or step == last_step:
             values, tokens = reduce_across_ranks(metrics, grad_norm, n_tokens, world, device)
             values |= rollout_values | {
                 "lr": lr_at(step - 1, total_steps, cfg), "epoch": step / steps_per_epoch,
                 "rollout_tokens_per_s": rollout.mask.numel() / (t_update - t_rollout),  # sampled, all ranks
                 "update_tokens_per_s": tokens / (t_end - t_update),  # forward and backward, all ranks
-                "peak_memory_gib": peak_memory_gib(device)}
+                "step_s": window_s / window_steps, "peak_memory_gib": peak_memory_gib(device)}
             metrics_log.record(step, values)
             log(ppo_log_line(f"step {step}/{last_step}", values, (t_end - t_start) / (step - step_start) * (last_step - step)))
+            window_s, window_steps = 0.0, 0
         if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
-            line = metrics_log.record(step, evaluate(state.policy, state.reference, eval_pairs, None, cfg, rank, world,
-                                                     device))
+            line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs, None, cfg, rank,
+                                                           world, device))
             log(format_log_line("eval", line))
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
             save(cfg, state, step, steps_per_epoch, identity, device)

@@ -206,7 +206,7 @@ def steps_row(cfg: TrainConfig, final_metrics: dict) -> str:
 
 
 def metrics_table(final_metrics: dict) -> list[str]:
-    values = {k: v for k, v in final_metrics.items() if k.startswith("eval/")}
+    values = {k: v for k, v in final_metrics.items() if k.startswith("eval/") and k != "eval/seconds"}
     if not values:
         return ["No held-out prompts (eval_fraction 0): no held-out metrics."]
     note = f"At step {final_metrics.get('step', '?')}, on the held-out prompts."
