@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import yaml
 import torch
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -217,16 +218,43 @@ def processes_whose_command_has(text):
 
 # ----------------------------------------------------------------------------- throughput.py: options, GPUs
 
-@pytest.mark.parametrize("parser", ["throughput", "memory_estimate"])
+@pytest.mark.parametrize("parser", ["throughput", "memory_estimate", "frontier_time"])
 def test_every_option_has_a_help_text(parser):
     """`--help` explains every option; only the internal plumbing (--_worker...) is hidden."""
-    p = load_bench().build_parser() if parser == "throughput" else memory_estimate.build_parser()
+    from bench import frontier_time
+    p = {"throughput": load_bench().build_parser, "memory_estimate": memory_estimate.build_parser,
+         "frontier_time": frontier_time.build_parser}[parser]()
     for action in p._actions:
         name = action.option_strings[-1]
         if action.help == argparse.SUPPRESS:
             assert name.startswith("--_"), f"{name} is hidden from --help"
         else:
             assert isinstance(action.help, str) and action.help.strip(), f"{name} has no help text"
+
+
+def test_frontier_time_counts_each_runs_steps_and_evals_and_adds_their_measured_times(tmp_path):
+    """bench/frontier_time.py on the offline frontier's config (smaller evals and PPO batches) with 48
+    stand-in prompts: a run's steps and evaluations are counted here by hand from the config, and its
+    expected time is its overhead plus steps x step_s plus evaluations x eval_s, each measured by its trainer."""
+    from bench import frontier_time
+    config = yaml.safe_load((ROOT / "config" / "frontier_demo.yaml").read_text())
+    config["trainer"]["kl_samples"] = 8
+    config["ppo"] |= {"batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 8, "ppo_epochs": 1}
+    (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
+    result = frontier_time.main([f"--config_file={tmp_path / 'frontier.yaml'}", "--device=cpu", "--prompts=48",
+                                 "--jobs=dpo,ppo", "--steps=1", "--warmup=0", "--stand_in_reward",
+                                 "--reward_shape=policy", f"--results_dir={tmp_path}"])
+    rows = {row["job"]: row for row in result["rows"]}
+    # 48 prompts, round(0.2 x 48) = 10 held out: 38 train prompts, 6 pairs each; 32 a step, 3 epochs of DPO;
+    # evaluated at step 0, every 18 steps and at the end. PPO: 16 of the 38 prompts a step, 6 epochs, every 6.
+    assert (rows["dpo"]["steps"], rows["dpo"]["evals"], rows["dpo"]["runs"]) == (38 * 6 // 32 * 3, 3, 8)
+    assert (rows["ppo"]["steps"], rows["ppo"]["evals"], rows["ppo"]["runs"]) == (38 // 16 * 6, 3, 8)
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["eval_s"] > 0 and row["overhead_s"] > 0
+        assert row["expected_s_per_run"] == pytest.approx(
+            row["overhead_s"] + row["steps"] * row["step_s"] + row["evals"] * row["eval_s"])
+    saved = json.loads(next(tmp_path.glob("cpu-frontier_time-frontier-*.json")).read_text())
+    assert saved["rows"] == result["rows"]
 
 
 def test_fsdp_memory_world_sizes_follow_the_gpus():
