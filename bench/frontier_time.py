@@ -10,8 +10,10 @@ with the config's options for a few steps, from random weights of the config's m
 stand-in data of the real sizes and lengths:
   - SFT text: --texts texts of --text_tokens tokens (default: the SFT stage's max_len - 1, every
     review cut there: an upper bound, real reviews are shorter);
-  - pairs: --prompts prompts of 4 tokens (the paper's are 2-8), each with k responses of the
-    generation's max_new_tokens and all --pairs_per_prompt pairs among them (k(k-1)/2: no ties);
+  - pairs: --prompts prompts of --prompt_tokens tokens (5: the paper's are 2-8), each with k
+    responses of --response_tokens (default the generation's max_new_tokens, every sample at full
+    length: an upper bound where samples end early) and all --pairs_per_prompt pairs among them
+    (k(k-1)/2: no ties);
   - the ground-truth reward: the config's own where it loads here (VADER installed, a classifier in
     the hub cache), else a random-init reward model (rm:) of --reward_shape (gpt2-medium: 24 layers,
     1,024 wide, 355M parameters, the shape and size of siebert's roberta-large); PPO's reward model:
@@ -65,6 +67,9 @@ def build_parser():
     p.add_argument("--prompts", type=int, default=0,
                    help="prompts of the pairs (0: the config's prompt file's count; IMDb's train reviews give about 25,000)")
     p.add_argument("--pairs_per_prompt", type=int, default=0, help="pairs per prompt (0: all k(k-1)/2, no ties)")
+    p.add_argument("--prompt_tokens", type=int, default=5, help="tokens of each stand-in prompt (about)")
+    p.add_argument("--response_tokens", type=int, default=0,
+                   help="tokens of each stand-in response, before its <|endoftext|> (0: the generation's max_new_tokens)")
     p.add_argument("--reward_shape", default="gpt2-medium", choices=(*PRESETS, "policy"),
                    help="the ground-truth reward's stand-in where the config's cannot be loaded here: a random-init "
                         "reward model of this shape")
@@ -123,8 +128,10 @@ def write_lines(path, records):
 
 def stand_in_data(work, args, k, response_tokens, text_tokens) -> dict:
     """Files of the real sizes and lengths: texts (SFT), pairs and best (the pairs stage's output),
-    prompts (the pairs stage's input, eval_prompts). Word-built, so the token counts are exact."""
-    prompt = "The film {}".format  # 3 tokens with a number below 1,000, 4 or 5 above
+    prompts (the pairs stage's input, eval_prompts). Word-built, so the token counts are exact (the
+    prompts' give or take one: a number above 999 may be two tokens)."""
+    def prompt(i):
+        return f"{i}" + " film" * (args.prompt_tokens - 1)
     responses = [" good" * (response_tokens - 1) + f" {j}" for j in range(k)]  # + <|endoftext|>, as sampled
     chosen_rejected = [(a, b) for a in range(k) for b in range(a + 1, k)][:args.pairs_per_prompt]
     pairs = ({"prompt": prompt(i), "chosen": responses[a], "rejected": responses[b]}
@@ -283,7 +290,7 @@ def main(argv=None):
             models = {"policy": save_model(shape, os.path.join(work, "policy")),
                       "reward_model": save_model(shape, os.path.join(work, "reward_model"), score_head=True, seed=1)}
             models["reward"] = ground_truth_reward(cfg.trainer["reward"], shape, args, work)
-        paths = stand_in_data(work, args, k, generation["max_new_tokens"], text_tokens)
+        paths = stand_in_data(work, args, k, args.response_tokens or generation["max_new_tokens"], text_tokens)
         jobs = job_options(cfg, paths, models)
         for name in [job for job in JOBS if job in wanted and (job in jobs or job == "pairs")]:
             if args.plan_only:
