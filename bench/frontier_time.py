@@ -93,7 +93,7 @@ def policy_shape(init_from, trainer) -> GPTConfig:
         keys = ("n_layer", "n_head", "n_embd", "n_positions")
         return GPTConfig(**{key: trainer.get(key, getattr(fsdp_train.TrainConfig(), key)) for key in keys})
     if looks_like_a_path(init_from):
-        return read_hf_config(os.path.join(init_from, "config.json"))
+        return read_hf_config(init_from)
     name = init_from.removeprefix("openai-community/")
     if name not in PRESETS:
         raise ConfigError(f"init_from {init_from!r}: not a GPT-2 size this bench knows ({', '.join(PRESETS)}); "
@@ -114,7 +114,7 @@ def ground_truth_reward(spec, policy, args, work) -> str:
             print(f"reward: the config's own, {spec}")
             return spec
         except ConfigError as err:
-            print(f"reward: {spec} cannot be loaded here ({err}); a random-init reward model of "
+            print(f"reward: {spec} cannot be loaded here ({str(err).splitlines()[0]}); a random-init reward model of "
                   f"{args.reward_shape}'s shape stands in")
     shape = policy if args.reward_shape == "policy" else GPTConfig.from_name(args.reward_shape)
     return "rm:" + save_model(shape, os.path.join(work, "reward"), score_head=True, seed=2)
