@@ -236,22 +236,22 @@ def test_frontier_time_counts_each_runs_steps_and_evals_and_adds_their_measured_
     """bench/frontier_time.py on the offline frontier's config (smaller evals) with 48 stand-in prompts:
     each method's runs, steps and evaluations are counted here by hand from the config, and a run's
     expected time is its overhead plus steps x step_s plus evaluations x eval_s, each measured by its
-    trainer (DPO's here; the others only counted, --plan_only)."""
+    trainer (the reward model's here, the cheapest; the others only counted, --plan_only)."""
     from bench import frontier_time
     config = yaml.safe_load((ROOT / "config" / "frontier_demo.yaml").read_text())
     config["trainer"]["kl_samples"] = 8
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(config))
     common = [f"--config_file={tmp_path / 'frontier.yaml'}", "--device=cpu", "--prompts=48", f"--results_dir={tmp_path}"]
-    counted = frontier_time.main([*common, "--plan_only", "--jobs=preferred_ft,reward_model,ppo,ppo_gt"])
+    counted = frontier_time.main([*common, "--plan_only", "--jobs=dpo,unlikelihood,preferred_ft,ppo,ppo_gt"])
     # 48 prompts, round(0.2 x 48) = 10 held out: 38 train prompts, 6 pairs each (one best sample for
     # preferred-FT); 32 a step (PPO: prompts); evaluated at step 0, every eval_every steps and at the end
     assert {row["job"]: (row["runs"], row["steps"], row["evals"]) for row in counted["rows"]} == {
-        "preferred_ft": (2, 38 // 32 * 18, 2), "reward_model": (2, 38 * 6 // 32 * 4, 3),
-        "ppo": (8, 38 // 32 * 6, 2), "ppo_gt": (8, 38 // 32 * 6, 2)}
-    result = frontier_time.main([*common, "--jobs=dpo", "--steps=1", "--warmup=0", "--stand_in_reward",
+        "dpo": (8, 38 * 6 // 32 * 3, 3), "unlikelihood": (8, 38 * 6 // 32 * 3, 3),
+        "preferred_ft": (2, 38 // 32 * 18, 2), "ppo": (8, 38 // 32 * 6, 2), "ppo_gt": (8, 38 // 32 * 6, 2)}
+    result = frontier_time.main([*common, "--jobs=reward_model", "--steps=1", "--warmup=0", "--stand_in_reward",
                                  "--reward_shape=policy"])
     [row] = result["rows"]
-    assert (row["job"], row["runs"], row["steps"], row["evals"]) == ("dpo", 8, 38 * 6 // 32 * 3, 3)
+    assert (row["job"], row["runs"], row["steps"], row["evals"]) == ("reward_model", 2, 38 * 6 // 32 * 4, 3)
     assert row["step_s"] > 0 and row["eval_s"] > 0 and row["overhead_s"] > 0
     assert row["expected_s_per_run"] == pytest.approx(
         row["overhead_s"] + row["steps"] * row["step_s"] + row["evals"] * row["eval_s"])
