@@ -147,14 +147,21 @@ def padded_model_inputs(attention_mask):
     return {"position_ids": position_ids, "mask": mask}
 
 
+def chosen_logps(model, batch: PairBatch):
+    """(summed log-probs (B,) fp32, token counts (B,)) of each pair's chosen response, running only
+    the chosen rows (0..B-1), whose tokens are the batch's first n_chosen_tokens: what SFT reads."""
+    n_pairs, n = batch.input_ids.size(0) // 2, batch.n_chosen_tokens
+    logps, _ = scored_token_sums(model, batch.input_ids[:n_pairs], batch.predictor_index[:n], batch.target_ids[:n],
+                                 batch.target_row[:n], n_pairs)
+    return logps, torch.bincount(batch.target_row[:n], minlength=n_pairs)
+
+
 def sft_loss(model, batch: PairBatch):
     """SFT (the DPO paper's first stage): negative log-likelihood per chosen-response token, and its
-    metrics. Only the chosen rows (0..B-1) run; their tokens are the batch's first n_chosen_tokens."""
-    n_pairs, n = batch.input_ids.size(0) // 2, batch.n_chosen_tokens
-    chosen_logps, _ = scored_token_sums(model, batch.input_ids[:n_pairs], batch.predictor_index[:n],
-                                        batch.target_ids[:n], batch.target_row[:n], n_pairs)
-    loss = -chosen_logps.sum() / n
-    return loss, {"loss": loss.detach(), "logps/chosen": chosen_logps.detach().mean()}
+    metrics (chosen_logps)."""
+    chosen, _ = chosen_logps(model, batch)
+    loss = -chosen.sum() / batch.n_chosen_tokens
+    return loss, {"loss": loss.detach(), "logps/chosen": chosen.detach().mean()}
 
 
 def unlikelihood_loss(model, batch: PairBatch, alpha: float):

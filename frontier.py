@@ -127,7 +127,7 @@ def check_frontier_config(cfg: FrontierConfig, path):
     if not (isinstance(cfg.seeds, list) and cfg.seeds and len(set(cfg.seeds)) == len(cfg.seeds)
             and all(type(seed) is int and seed >= 0 for seed in cfg.seeds)):
         raise ConfigError(f"{path}: seeds must be a list of distinct integers >= 0, got {shortened(cfg.seeds)}")
-    stages = [(fsdp_train, {"objective": "sft", "sft_on": "all"} | (cfg.sft or {}))]  # its own data (text, demo)
+    stages = [(fsdp_train, sft_options(cfg))]  # on its own data (text, demo)
     stages += [(run["job"], run["options"] | {"dataset": "demo"})  # the demo set standing in for pairs not made yet
                for run in planned_runs(cfg, "pairs.jsonl", "best.jsonl")]
     for job, options in stages:  # the trainer's own checks
@@ -172,10 +172,16 @@ def train(cfg: FrontierConfig, name, options, log, job=fsdp_train):
 
 # ----------------------------------------------------------------------------- the stages
 
+def sft_options(cfg) -> dict:
+    """Stage 1's options (over the trainer's): SFT on every response (or text) of its data, with no
+    samples or KL (nothing to compare the starting weights with)."""
+    return {"objective": "sft", "sft_on": "all", "kl_samples": 0, "n_samples": 0} | (cfg.sft or {})
+
+
 def sft_stage(cfg, log) -> str:
     if cfg.sft is None:
         return cfg.trainer["init_from"]
-    return train(cfg, "sft", {"objective": "sft", "sft_on": "all", "kl_samples": 0, "n_samples": 0} | cfg.sft, log)
+    return train(cfg, "sft", sft_options(cfg), log)
 
 
 def prompt_texts(cfg) -> list[str]:

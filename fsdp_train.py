@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from data.batches import check_batch_sizes, data_fingerprint, pairs_of, split_groups, truncate_groups
+from data.batches import check_batch_sizes, data_fingerprint, pairs_of, sft_pairs, split_groups, truncate_groups
 from data.formats import load_preferences
-from data.texts import load_texts
+from data.texts import TEXT_PROMPT, load_texts
 from errors import ConfigError, Preempted, exit_code_of
 from gpt2 import SCORE_HEAD
 from train.config import TrainConfig, data_options, parse_args, reference_precision_name
@@ -39,7 +39,7 @@ from train.reward import fetch_reward
 from train.run_dir import (MetricsLog, check_shared_out_dir, check_writable, final_dir, held_run_dirs, lock_run_dir,
                            metrics_file, read_metrics, unlock_run_dirs, write_samples_before, write_samples_table)
 from train.step import assemble_step, count_bad_step, reduce_across_ranks, train_step
-from train.warm_start import sft_pairs, warm_start
+from train.warm_start import warm_start
 
 
 # ----------------------------------------------------------------------------- data
@@ -97,9 +97,12 @@ def ignore(*args, **kwargs):
 
 def sample_prompts_of(eval_pairs, cfg):
     """The held-out prompts of the before/after table: n_samples, spread over the eval pairs, or the first
-    of eval_prompts (none for a reward model, which samples nothing)."""
+    of eval_prompts (none for a reward model, which samples nothing; for plain text, n_samples texts
+    begun from <|endoftext|>)."""
     if cfg.objective == "reward_model":
         return []
+    if cfg.dataset == "text":
+        return [TEXT_PROMPT] * cfg.n_samples
     if cfg.eval_prompts:
         return eval_prompt_set(cfg)[:cfg.n_samples]
     return [p.prompt for p in eval_pairs[:: max(1, len(eval_pairs) // max(1, cfg.n_samples))]][:cfg.n_samples]

@@ -1,7 +1,7 @@
 """The expected time of every run of a frontier config on this machine, measured by the trainers
 themselves at the config's model size and shapes.
 
-    python bench/frontier_time.py --config_file config/frontier_gpt2_imdb.yaml --device cuda   # ~6 min on a GPU
+    python bench/frontier_time.py --config_file config/frontier_gpt2_imdb.yaml --device cuda --prompts 25000
     python bench/frontier_time.py --config_file config/frontier_demo.yaml --device cpu
 
 Nothing is downloaded and no data is needed. Each job of the frontier (SFT, DPO, unlikelihood,
@@ -126,7 +126,7 @@ def write_lines(path, records):
     return path
 
 
-def stand_in_data(work, args, k, response_tokens, text_tokens) -> dict:
+def stand_in_data(work, args, k, response_tokens, text_tokens, with_texts) -> dict:
     """Files of the real sizes and lengths: texts (SFT), pairs and best (the pairs stage's output),
     prompts (the pairs stage's input, eval_prompts). Word-built, so the token counts are exact (the
     prompts' give or take one: a number above 999 may be two tokens)."""
@@ -138,7 +138,7 @@ def stand_in_data(work, args, k, response_tokens, text_tokens) -> dict:
              for i in range(args.prompts) for a, b in chosen_rejected)
     return {
         "texts": write_lines(os.path.join(work, "texts.jsonl"), ({"text": f"Review {i}:" + " film" * (text_tokens - 4)}
-                                                                  for i in range(args.texts if "sft" in args.jobs else 1))),
+                                                                  for i in range(args.texts if with_texts else 1))),
         "pairs": write_lines(os.path.join(work, "pairs.jsonl"), pairs),
         "best": write_lines(os.path.join(work, "best.jsonl"), ({"prompt": prompt(i), "chosen": responses[0],
                                                                 "rejected": responses[-1]} for i in range(args.prompts))),
@@ -155,7 +155,7 @@ def job_options(cfg, paths, models) -> dict:
         stand_in["eval_prompts"] = paths["prompts"]
     jobs = {}
     if cfg.sft is not None:
-        sft = {"objective": "sft", "sft_on": "all", "kl_samples": 0, "n_samples": 0} | cfg.sft
+        sft = frontier.sft_options(cfg)
         if sft.get("dataset") == "text":
             sft["data_path"] = paths["texts"]
         jobs["sft"] = (fsdp_train, cfg.trainer | sft | stand_in)
@@ -196,7 +196,7 @@ def plan(module, options) -> dict:
 
 def measure(name, module, options, n_steps, work) -> dict:
     """A short run of the job: median step_s after the warm-up, median eval/seconds, and the rest of
-    its wall time (overhead)."""
+    its wall time (overhead), the warm-up steps' time above the median included."""
     out_dir = os.path.join(work, name)
     argv = frontier.as_argv(options | {"out_dir": out_dir, "max_steps": n_steps["warmup"] + n_steps["timed"],
                                        "eval_every": 0, "log_every": 1, "ckpt_every": 0})
@@ -211,8 +211,10 @@ def measure(name, module, options, n_steps, work) -> dict:
     lines = read_metrics(out_dir)
     steps = [line["step_s"] for line in lines if "step_s" in line]
     evals = [line["eval/seconds"] for line in lines if "eval/seconds" in line]
-    return {"step_s": statistics.median(steps[n_steps["warmup"]:]), "eval_s": statistics.median(evals) if evals else 0.0,
-            "overhead_s": wall_s - sum(steps) - sum(evals), "short_run_wall_s": wall_s, "steps_run": len(steps)}
+    step_s = statistics.median(steps[n_steps["warmup"]:])
+    return {"step_s": step_s, "eval_s": statistics.median(evals) if evals else 0.0,
+            # what a real run pays once: set-up, the export, and the warm-up steps' time above step_s
+            "overhead_s": wall_s - len(steps) * step_s - sum(evals), "short_run_wall_s": wall_s, "steps_run": len(steps)}
 
 
 def measure_pairs(cfg, paths, models, work, device) -> dict:
@@ -282,7 +284,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         print(f"stand-ins in {work}: a random-init {shape.n_layer}-layer {shape.n_embd}-wide policy, "
               f"{args.prompts:,} prompts x {args.pairs_per_prompt} pairs"
-              + (f", {args.texts:,} texts of {text_tokens} tokens" if "sft" in wanted else ""))
+              + (f", {args.texts:,} texts of {text_tokens} tokens" if (cfg.sft or {}).get("dataset") == "text" else ""))
         if args.plan_only:  # the trainer's checks need the model directories to exist, not to hold weights
             models = {name: os.path.join(work, name) for name in ("policy", "reward_model")}
             models["reward"] = "vader"
@@ -290,7 +292,8 @@ def main(argv=None):
             models = {"policy": save_model(shape, os.path.join(work, "policy")),
                       "reward_model": save_model(shape, os.path.join(work, "reward_model"), score_head=True, seed=1)}
             models["reward"] = ground_truth_reward(cfg.trainer["reward"], shape, args, work)
-        paths = stand_in_data(work, args, k, args.response_tokens or generation["max_new_tokens"], text_tokens)
+        paths = stand_in_data(work, args, k, args.response_tokens or generation["max_new_tokens"], text_tokens,
+                              with_texts="sft" in wanted and (cfg.sft or {}).get("dataset") == "text")
         jobs = job_options(cfg, paths, models)
         for name in [job for job in JOBS if job in wanted and (job in jobs or job == "pairs")]:
             if args.plan_only:

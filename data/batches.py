@@ -112,6 +112,18 @@ def pairs_of(groups: list[PreferenceGroup]) -> list[Pair]:
     ]
 
 
+def sft_pairs(train_pairs: list[Pair]) -> list[Pair]:
+    """Each distinct (prompt, response) of the training pairs once, as a Pair whose "chosen" is the
+    response (SFT reads only the chosen rows)."""
+    seen, pairs = set(), []
+    for pair in train_pairs:
+        for index, response in ((pair.chosen_index, pair.chosen), (pair.rejected_index, pair.rejected)):
+            if (pair.group_index, index) not in seen:
+                seen.add((pair.group_index, index))
+                pairs.append(Pair(pair.prompt, response, response, pair.group_index, index, index))
+    return pairs
+
+
 def epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
     """A permutation of range(n_items) that depends only on (seed, epoch): the same on every rank and run."""
     return np.random.default_rng([seed, epoch]).permutation(n_items).tolist()

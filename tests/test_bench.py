@@ -234,9 +234,9 @@ def test_every_option_has_a_help_text(parser):
 
 def test_frontier_time_counts_each_runs_steps_and_evals_and_adds_their_measured_times(tmp_path):
     """bench/frontier_time.py on the offline frontier's config (smaller evals) with 48 stand-in prompts:
-    each method's runs, steps and evaluations are counted here by hand from the config, and a run's
-    expected time is its overhead plus steps x step_s plus evaluations x eval_s, each measured by its
-    trainer (the reward model's here, the cheapest; the others only counted, --plan_only)."""
+    each method's runs, steps and evaluations are as counted here by hand from the config, and a short
+    run of the job (the reward model's, the cheapest; the others are only counted, --plan_only) gives
+    its seconds per step, per evaluation and once per run."""
     from bench import frontier_time
     config = yaml.safe_load((ROOT / "config" / "frontier_demo.yaml").read_text())
     config["trainer"]["kl_samples"] = 8
@@ -253,8 +253,6 @@ def test_frontier_time_counts_each_runs_steps_and_evals_and_adds_their_measured_
     [row] = result["rows"]
     assert (row["job"], row["runs"], row["steps"], row["evals"]) == ("reward_model", 2, 38 * 6 // 32 * 4, 3)
     assert row["step_s"] > 0 and row["eval_s"] > 0 and row["overhead_s"] > 0
-    assert row["expected_s_per_run"] == pytest.approx(
-        row["overhead_s"] + row["steps"] * row["step_s"] + row["evals"] * row["eval_s"])
     saved = json.loads(next(tmp_path.glob("cpu-frontier_time-frontier-*.json")).read_text())
     assert saved["rows"] == result["rows"]
 

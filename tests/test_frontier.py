@@ -46,7 +46,8 @@ def demo_config(**changes):
     ({"reward_model": {"eval_fraction": 0}}, "the reward model needs held-out pairs for its accuracy"),
     ({"reward_model": None}, "ppo and reward_model go together"),
     ({"sft": {"objective": "dpo"}}, "sft: objective is set per run by frontier.py"),
-    ({"sft": {"dataset": "text", "data_path": "reviews.jsonl", "lr_schedule": "linear"}}, "lr_schedule='linear'"),
+    ({"sft": {"lr_schedule": "linear"}}, "lr_schedule='linear'"),
+    ({"sft": {"dataset": "text", "data_path": "no/such/reviews.jsonl"}}, "data_path 'no/such/reviews.jsonl': no such file"),
 ])
 def test_a_bad_frontier_config_is_refused_before_any_stage(tmp_path, capsys, changes, message):
     (tmp_path / "frontier.yaml").write_text(yaml.safe_dump(demo_config(**changes)))

@@ -408,8 +408,8 @@ def test_sft_on_plain_text_is_transformers_nll_of_each_text_after_endoftext(tmp_
     """dataset: text (the paper's SFT on IMDb reviews): each text is scored as transformers' language
     model loss scores <|endoftext|> + the text + <|endoftext|>, cut to max_len. From the same starting
     weights, the first step's loss (all four training texts, before the update) is their pooled NLL per
-    token, the first eval's loss the held-out text's; duplicates and empty texts are dropped; and the
-    training loss falls."""
+    token, the first eval's loss the held-out text's; duplicates and empty texts are dropped; the
+    training loss falls; and the before/after table holds n_samples texts of their own."""
     from transformers import GPT2Config
     from data.tokenizer import encode
     start = tmp_path / "start"
@@ -421,7 +421,7 @@ def test_sft_on_plain_text_is_transformers_nll_of_each_text_after_endoftext(tmp_
     (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     result = run_python(tmp_path / "run", f"--init_from={start}", "--dataset=text", f"--data_path={tmp_path / 'texts.jsonl'}",
                         "--objective=sft", "--eval_fraction=0.2", "--batch_size=4", "--micro_batch_size=4",
-                        "--max_steps=6", "--epochs=6", "--kl_samples=0", "--n_samples=0")
+                        "--max_steps=6", "--epochs=6", "--kl_samples=0", "--n_samples=3")
     assert '"texts": 5, "dropped_empty": 1, "dropped_duplicate": 1, "cut": 1' in result.stdout
     model = GPT2LMHeadModel.from_pretrained(start).eval()
     nll = {}  # text -> (summed NLL, tokens)
@@ -437,6 +437,8 @@ def test_sft_on_plain_text_is_transformers_nll_of_each_text_after_endoftext(tmp_
     train = [nll[text] for text in nll if text != held_out[0]]
     assert steps[0]["loss"] == pytest.approx(sum(s for s, _ in train) / sum(n for _, n in train), rel=1e-5)
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.1
+    rows = (tmp_path / "run" / "samples.md").read_text().splitlines()[2:]
+    assert len(rows) == 3 and len({row.split(" | ")[1] for row in rows}) == 3  # three samples before, not one thrice
 
 
 def test_init_from_model_too_short_for_max_len_is_refused_before_loading(tmp_path):

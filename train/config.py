@@ -299,7 +299,7 @@ def validate(cfg: TrainConfig, prog="fsdp_train.py"):
             raise ConfigError(str(err)) from err
     if cfg.dataset != "demo" and not cfg.data_path:
         raise ConfigError(f"dataset={cfg.dataset} needs data_path (the file to read)")
-    if cfg.dataset == "jsonl" or cfg.dataset == "hh" or (cfg.dataset == "lm_human_preferences" and
+    if cfg.dataset in ("jsonl", "hh", "text") or (cfg.dataset == "lm_human_preferences" and
                                                           cfg.data_path not in ("sentiment", "descriptiveness")):
         if not os.path.exists(cfg.data_path):
             raise ConfigError(f"data_path {cfg.data_path!r}: no such file")

@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from data.batches import collate, left_pad
+from data.batches import collate, left_pad, sft_pairs
 from data.records import read_prompts
 from data.tokenizer import EOT_ID, decode, encode
-from dpo import PairLogps, bradley_terry, concatenated_logps, dpo_loss, pair_scores, span_kl
+from dpo import PairLogps, bradley_terry, chosen_logps, concatenated_logps, dpo_loss, pair_scores, span_kl
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
 from train.checkpoint import file_fingerprint
@@ -78,7 +78,7 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
         return evaluate_reward_model(policy, eval_pairs, cfg, rank, world, device)
     policy.eval()
     metrics = {}
-    if eval_pairs:
+    if eval_pairs and cfg.dataset != "text":  # held-out texts hold no preference to measure, only their likelihood
         policy_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(policy), cfg, rank, world, device))
         if cfg.objective != "dpo" or cfg.reference_free:
             reference_logps = None
@@ -88,20 +88,27 @@ def evaluate(policy, reference, eval_pairs, reference_eval_logps, cfg, rank, wor
             reference_logps = as_pair_logps(map_pairs(eval_pairs, pair_logps(reference), cfg, rank, world, device))
             reference_logps = reference_logps.chosen, reference_logps.rejected
         sft = cfg.objective != "dpo"  # sft and unlikelihood: the preference metrics of the policy alone
-        if cfg.dataset != "text":  # held-out texts hold no preference to measure, only their likelihood
-            _, metrics = dpo_loss(policy_logps, *(reference_logps or (None, None)), beta=cfg.beta,
-                                  loss_type="sigmoid" if sft else cfg.loss_type,
-                                  label_smoothing=0.0 if sft else cfg.label_smoothing,
-                                  reference_free=reference_logps is None, average=logps_average(cfg))
-        if cfg.objective == "sft":  # what SFT trains, held out: NLL per chosen-response (or text) token
-            metrics["loss"] = -policy_logps.chosen.sum() / policy_logps.chosen_tokens.sum()
-    if cfg.objective not in ("dpo", "sft"):  # the preference loss above is not what these train: not "loss"
+        _, metrics = dpo_loss(policy_logps, *(reference_logps or (None, None)), beta=cfg.beta,
+                              loss_type="sigmoid" if sft else cfg.loss_type,
+                              label_smoothing=0.0 if sft else cfg.label_smoothing,
+                              reference_free=reference_logps is None, average=logps_average(cfg))
+    if cfg.objective != "dpo":  # the preference loss above is not what these train: not "loss"
         metrics.pop("loss", None)
+    if eval_pairs and cfg.objective == "sft":
+        metrics["loss"] = sft_eval_loss(policy, eval_pairs, cfg, rank, world, device)
     prompts = eval_sample_prompts(cfg, eval_pairs, cfg.kl_samples)
     if prompts and (reference is not None or cfg.reward):
         metrics |= sampled_metrics(policy, reference, prompts, cfg, device)
     policy.train()
     return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def sft_eval_loss(model, eval_pairs, cfg, rank, world, device):
+    """What SFT trains, held out: the NLL per token of the responses it reads (the chosen ones, or with
+    sft_on: all every distinct one; each text, with dataset: text), running only those rows."""
+    rows = sft_pairs(eval_pairs) if cfg.sft_on == "all" else eval_pairs
+    sums = map_pairs(rows, lambda batch: torch.stack(chosen_logps(model, batch), dim=-1), cfg, rank, world, device)
+    return -sums[:, 0].sum() / sums[:, 1].sum()  # (N, 2) fp32: summed log-probs, token counts
 
 
 def evaluate_reward_model(model, eval_pairs, cfg, rank, world, device):

@@ -170,6 +170,10 @@ def sampling(cfg: TrainConfig) -> str:
 def data_row(cfg: TrainConfig, counts: dict) -> str:
     source = ("the project's generated demo set (data/demo.py)" if cfg.dataset == "demo"
               else f"`{cfg.data_path}`" + (f" (split {cfg.split})" if cfg.dataset == "hub" else ""))
+    if cfg.dataset == "text":
+        return (f"format `text`, {source}: {counts.get('texts', 0):,} texts, {counts.get('train_prompts', 0):,} for "
+                f"training and {counts.get('eval_prompts', 0):,} held out (eval_fraction {cfg.eval_fraction}); each "
+                f"after <|endoftext|>, cut to {cfg.max_len} tokens ({counts.get('cut', 0):,} were cut)")
     pairs = counts.get("train_pairs", 0) + counts.get("eval_pairs", 0)
     return (f"format `{cfg.dataset}`, {source}: {pairs:,} preference pairs, {counts.get('train_pairs', 0):,} for "
             f"training and {counts.get('eval_pairs', 0):,} held out ({counts.get('eval_prompts', 0):,} prompts, "
@@ -187,7 +191,9 @@ def objective_row(cfg: TrainConfig) -> str:
                   f"GAE gamma {cfg.gamma} lambda {cfg.lam}, clip {cfg.cliprange}, value clip {cfg.cliprange_value}, "
                   f"value-loss weight {cfg.vf_coef}")
     if cfg.objective == "sft":
-        return "sft (maximum likelihood of the chosen responses)"
+        return "sft (maximum likelihood of " + ("plain text)" if cfg.dataset == "text" else
+                                               "every distinct response)" if cfg.sft_on == "all" else
+                                               "the chosen responses)")
     if cfg.objective == "unlikelihood":
         return (f"unlikelihood: maximum likelihood of the chosen responses and the unlikelihood of the rejected "
                 f"ones' tokens, α = {cfg.unlikelihood_alpha}")
@@ -198,10 +204,16 @@ def objective_row(cfg: TrainConfig) -> str:
     return row
 
 
+OPTIMIZER_NAMES = {"adamw": "AdamW", "rmsprop": "RMSprop"}
+
+
 def steps_row(cfg: TrainConfig, final_metrics: dict) -> str:
     steps = final_metrics.get("step", "?")
-    return (f"{steps} optimizer steps of {cfg.batch_size} pairs (micro-batch {cfg.micro_batch_size} per rank, "
-            f"epochs {cfg.epochs}); AdamW lr {cfg.lr}, {cfg.lr_schedule} after {cfg.warmup_steps} warmup steps, "
+    what, items = (("PPO steps", "rollouts") if cfg.objective == "ppo" else
+                   ("optimizer steps", "texts" if cfg.dataset == "text" else "pairs"))
+    return (f"{steps} {what} of {cfg.batch_size} {items} (micro-batch {cfg.micro_batch_size} per rank, "
+            f"epochs {cfg.epochs}); {OPTIMIZER_NAMES[cfg.optimizer]} lr {cfg.lr}, {cfg.lr_schedule} after "
+            f"{cfg.warmup_steps} warmup steps, "
             f"weight decay {cfg.weight_decay}, gradient clipping {cfg.grad_clip}, seed {cfg.seed}")
 
 

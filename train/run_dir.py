@@ -354,13 +354,27 @@ def mean_of(values):
 NOT_SAMPLED = "(not sampled before training: n_samples was smaller at the start)"
 
 
+def before_entries(value) -> list:
+    """[[sample, reward], ...] of one prompt in samples_before.json, as this version writes it, or as
+    an older one did: [sample, reward], or the sample alone (a run resumed across versions)."""
+    if isinstance(value, str):
+        return [[value, None]]
+    if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+        return [value]
+    return [entry for entry in value if isinstance(entry, list) and len(entry) == 2] if isinstance(value, list) else []
+
+
 def write_samples_before(cfg, prompts, before, rewards=None):
-    """samples_before.json maps each prompt's text to its continuation (and reward) before training,
-    so that the table at the end finds them even if n_samples (and so the prompts) changed on a resume."""
+    """samples_before.json maps each prompt's text to its continuations (and rewards) before training,
+    [[sample, reward], ...] in the order the prompt recurs (dataset: text samples one prompt,
+    <|endoftext|>, n times), so that the table at the end finds them even if n_samples (and so the
+    prompts) changed on a resume."""
     texts = [decode(p) for p in prompts]
     rewards = rewards or [None] * len(texts)
-    write_atomic(samples_before_file(cfg.out_dir),
-                 json.dumps({text: [sample, reward] for text, sample, reward in zip(texts, before, rewards)}))
+    by_prompt = {}
+    for text, sample, reward in zip(texts, before, rewards):
+        by_prompt.setdefault(text, []).append([sample, reward])
+    write_atomic(samples_before_file(cfg.out_dir), json.dumps(by_prompt))
     write_atomic(samples_file(cfg.out_dir), samples_table(texts, before, ["(training)"] * len(before)))
 
 
@@ -376,9 +390,14 @@ def write_samples_table(cfg, prompts, after, log, after_rewards=None):
     if not isinstance(before_by_prompt, dict):
         before_by_prompt = {}
     texts = [decode(p) for p in prompts]
-    before = [before_by_prompt.get(text, [NOT_SAMPLED, None]) for text in texts]
-    before_texts = [b if isinstance(b, str) else b[0] for b in before]
-    before_rewards = [None if isinstance(b, str) else b[1] for b in before]
+    seen = {}  # prompt -> how many of its rows came before: its k-th row takes its k-th sample
+    before = []
+    for text in texts:
+        entries, k = before_entries(before_by_prompt.get(text)), seen.get(text, 0)
+        seen[text] = k + 1
+        before.append(entries[k] if k < len(entries) else [NOT_SAMPLED, None])
+    before_texts = [sample for sample, _ in before]
+    before_rewards = [reward for _, reward in before]
     with_reward = after_rewards is not None or any(r is not None for r in before_rewards)
     table = samples_table(texts, before_texts, after, before_rewards if with_reward else None, after_rewards)
     write_atomic(samples_file(cfg.out_dir), table)

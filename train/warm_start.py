@@ -11,7 +11,7 @@ import signal
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from data.batches import Pair
+from data.batches import sft_pairs
 from errors import ConfigError, Preempted
 from gpt2 import write_hf_checkpoint
 from train import checkpoint, run_dir
@@ -110,18 +110,6 @@ def check_no_dpo_checkpoint(out_dir, sft_dir):
                           "damaged or does not match this run's SFT settings (any option the SFT stage reads, the "
                           "data or the starting weights); use another out_dir, or the settings of the run that "
                           "made them")
-
-
-def sft_pairs(train_pairs):
-    """Each distinct (prompt, response) of the training pairs once, as a Pair whose "chosen" is the
-    response (SFT reads only the chosen rows)."""
-    seen, pairs = set(), []
-    for pair in train_pairs:
-        for index, response in ((pair.chosen_index, pair.chosen), (pair.rejected_index, pair.rejected)):
-            if (pair.group_index, index) not in seen:
-                seen.add((pair.group_index, index))
-                pairs.append(Pair(pair.prompt, response, response, pair.group_index, index, index))
-    return pairs
 
 
 def sft_recipe_of(sft_dir):
