@@ -385,7 +385,7 @@ def test_frontier_command_on_the_demos_sft_model(demo_run, tmp_path):
     (["--dataset=jsonl", "--data_path=does/not/exist.jsonl"], "does/not/exist.jsonl"),
     (["--batch_size=6", "--micro_batch_size=4"], "batch_size (6) must be a multiple of micro_batch_size (4)"),
     (["--lr=inf"], "lr must be a finite number, got inf"),
-    (["--dataset=text", "--data_path=reviews.jsonl"], "dataset=text is plain text, without prompts or preferences"),
+    (["--dataset=text", "--data_path=README.md"], "dataset=text is plain text, without prompts or preferences"),
     (["--grad_clip=nan"], "grad_clip must be a finite number, got nan"),
     (["--temperature=nan"], "temperature must be a finite number, got nan"),
     (["--adam_beta1=1"], "adam_beta1 must be in [0, 1), got 1.0"),
