@@ -1,10 +1,11 @@
 """The expected time of every run of a frontier config on this machine, measured by the trainers
 themselves at the config's model size and shapes.
 
-    python bench/frontier_time.py --config_file config/frontier_gpt2_imdb.yaml --device cuda --prompts 25000
+    HF_HUB_OFFLINE=1 python bench/frontier_time.py --config_file config/frontier_gpt2_imdb.yaml \
+        --device cuda --prompts 25000
     python bench/frontier_time.py --config_file config/frontier_demo.yaml --device cpu
 
-Nothing is downloaded and no data is needed. Each job of the frontier (SFT, DPO, unlikelihood,
+No data and no weights are needed. Each job of the frontier (SFT, DPO, unlikelihood,
 preferred-FT, the reward model, PPO on it, PPO-GT) runs its own trainer (fsdp_train.py, ppo_train.py)
 with the config's options for a few steps, from random weights of the config's model shape, on
 stand-in data of the real sizes and lengths:
@@ -15,7 +16,7 @@ stand-in data of the real sizes and lengths:
     length: an upper bound where samples end early) and all --pairs_per_prompt pairs among them
     (k(k-1)/2: no ties);
   - the ground-truth reward: the config's own where it loads here (VADER installed, a classifier in
-    the hub cache), else a random-init reward model (rm:) of --reward_shape (gpt2-medium: 24 layers,
+    the hub cache, or fetched from the hub unless HF_HUB_OFFLINE=1), else a random-init reward model (rm:) of --reward_shape (gpt2-medium: 24 layers,
     1,024 wide, 355M parameters, the shape and size of siebert's roberta-large); PPO's reward model:
     one of the policy's shape, as the frontier trains it.
 The trainers log seconds per step (step_s) and per evaluation (eval/seconds); the rest of a short
