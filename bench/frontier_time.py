@@ -272,9 +272,16 @@ def main(argv=None):
     wanted = args.jobs.split(",")
     if unknown := sorted(set(wanted) - set(JOBS)):
         raise ConfigError(f"--jobs: unknown {unknown}; known: {', '.join(JOBS)}")
+    for name, least in (("steps", 1), ("ppo_steps", 1), ("warmup", 0), ("texts", 1), ("prompt_tokens", 1),
+                        ("prompts", 0), ("text_tokens", 0), ("pairs_per_prompt", 0), ("response_tokens", 0)):
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name} must be >= {least}, got {getattr(args, name)}")
     device = resolve_device(args.device)
     generation = frontier.generation_options(cfg)
     k = generation["k"]
+    if not args.prompts and cfg.prompts != "demo" and not os.path.isfile(cfg.prompts):
+        raise ConfigError(f"{cfg.prompts} (the config's prompts) is not here: give their number, --prompts N "
+                          "(IMDb's train reviews give about 25,000)")
     args.prompts = args.prompts or len(frontier.prompt_texts(cfg))
     args.pairs_per_prompt = args.pairs_per_prompt or k * (k - 1) // 2
     shape = policy_shape(cfg.trainer["init_from"], cfg.trainer)
