@@ -193,15 +193,10 @@ def sequence_scores(model, input_ids):
     return model(input_ids, logits_at=read_at, head="score")
 
 
-def pair_scores(model, batch: PairBatch):
-    """The scores of a PairBatch's rows, (2B,): the chosen rows' first."""
-    return sequence_scores(model, batch.input_ids)
-
-
 def reward_model_loss(model, batch: PairBatch):
     """The reward model of the DPO paper's Eq. 2 (Bradley-Terry, as Ziegler et al. 2019 and Stiennon et
     al. 2020 train it for PPO), on one batch (bradley_terry)."""
-    return bradley_terry(*pair_scores(model, batch).chunk(2))
+    return bradley_terry(*sequence_scores(model, batch.input_ids).chunk(2))  # the chosen rows first
 
 
 def bradley_terry(chosen, rejected):

@@ -166,14 +166,8 @@ def main(argv=None, stop_requests=None):
             eta_s = (time.time() - t_start) / (step - step_start) * (last_step - step)
             log(format_log_line(f"step {step}/{last_step}", values, device, eta_s))
             window_tokens, window_s, window_steps = 0, 0.0, 0
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
-            line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs,
-                                                           reference_eval_logps, cfg, rank, world, device))
-            log(format_log_line("eval", line))
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
-            save(cfg, state, step, steps_per_epoch, identity, device)
-        if step != last_step and stop_signal:  # received before this step's check, on any rank
-            stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, stop_signal)
+        between_steps(cfg, state, step, last_step, steps_per_epoch, identity, eval_pairs, reference_eval_logps,
+                      stop_signal, metrics_log, rank, world, device, log)
 
     finish(cfg, state, step, step_start, steps_per_epoch, identity, eval_pairs, reference_eval_logps, sample_prompts,
            metrics_log, counts, sys.argv[1:] if argv is None else argv, rank, world, device, log)
@@ -206,6 +200,23 @@ def first_samples_and_eval(cfg, state, step, eval_pairs, reference_eval_logps, m
                                                        cfg, rank, world, device))
         log(format_log_line("eval", line))
     return sample_prompts
+
+
+def between_steps(cfg, state, step, last_step, steps_per_epoch, identity, eval_pairs, reference_eval_logps, stop_signal,
+                  metrics_log, rank, world, device, log):
+    """After step `step` of a run (DPO's, PPO's), unless it is the last (finish's): the eval and the
+    checkpoint that are due, then the stop that a SIGTERM/SIGINT asked for (received before this
+    step's check, on any rank)."""
+    if step == last_step:
+        return
+    if cfg.eval_every and step % cfg.eval_every == 0:
+        line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs, reference_eval_logps,
+                                                       cfg, rank, world, device))
+        log(format_log_line("eval", line))
+    if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+        save(cfg, state, step, steps_per_epoch, identity, device)
+    if stop_signal:
+        stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, stop_signal)
 
 
 def timed_evaluate(*args) -> dict:

@@ -32,15 +32,14 @@ import time
 
 import fsdp_train
 from errors import ConfigError
-from fsdp_train import (finish, first_samples_and_eval, format_log_line, load_data, peak_memory_gib, plan_steps,
-                        resume_point, start_job, stop_if_asked, timed_evaluate)
+from fsdp_train import (between_steps, finish, first_samples_and_eval, load_data, peak_memory_gib, plan_steps,
+                        resume_point, start_job, stop_if_asked)
 from ppo import KLController, masked_mean
 from train.config import parse_args
 from train.distributed import build_training_state
 from train.evaluation import distinct_prompts
 from train.optim import lr_at
 from train.preemption import StopRequests
-from train.resume import save, stop_after_signal
 from train.rollout import Rollout, make_rollout
 from train.ppo_step import advantages_of, ppo_updates
 from train.run_dir import MetricsLog
@@ -100,14 +99,8 @@ def main(argv=None, stop_requests=None):
             metrics_log.record(step, values)
             log(ppo_log_line(f"step {step}/{last_step}", values, (t_end - t_start) / (step - step_start) * (last_step - step)))
             window_s, window_steps = 0.0, 0
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != last_step:
-            line = metrics_log.record(step, timed_evaluate(state.policy, state.reference, eval_pairs, None, cfg, rank,
-                                                           world, device))
-            log(format_log_line("eval", line))
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != last_step:
-            save(cfg, state, step, steps_per_epoch, identity, device)
-        if step != last_step and stop_signal:
-            stop_after_signal(cfg, state, step, steps_per_epoch, identity, device, stop_signal)
+        between_steps(cfg, state, step, last_step, steps_per_epoch, identity, eval_pairs, None, stop_signal, metrics_log,
+                      rank, world, device, log)
     finish(cfg, state, step, step_start, steps_per_epoch, identity, eval_pairs, None, sample_prompts, metrics_log,
            counts, sys.argv[1:] if argv is None else argv, rank, world, device, log)
 

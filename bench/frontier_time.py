@@ -241,10 +241,8 @@ def sync(device):
 # ----------------------------------------------------------------------------- the table
 
 def row_of(name, runs, plan_, timing) -> dict:
-    if name == "pairs":
-        seconds = timing["s_per_prompt"] * plan_["items"]
-        return {"job": name, "runs": runs, **plan_, **timing, "expected_s_per_run": seconds}
-    seconds = timing["overhead_s"] + plan_["steps"] * timing["step_s"] + plan_["evals"] * timing["eval_s"]
+    seconds = (timing["s_per_prompt"] * plan_["items"] if name == "pairs" else
+               timing["overhead_s"] + plan_["steps"] * timing["step_s"] + plan_["evals"] * timing["eval_s"])
     return {"job": name, "runs": runs, **plan_, **timing, "expected_s_per_run": seconds}
 
 

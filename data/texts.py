@@ -26,7 +26,7 @@ def load_texts(path, max_len, append_eos=None, max_records=None):
     append_eos: None (auto) or True ends each text with <|endoftext|>; False leaves it open."""
     named = parquet_records(path) if path.endswith(".parquet") else json_records(path)
     named = named[:max_records] if max_records else named
-    groups, seen = [], set()
+    groups, seen, room = [], set(), max_len - len(TEXT_PROMPT)  # room: the response's tokens
     counts = {"records": len(named), "texts": 0, "dropped_empty": 0, "dropped_duplicate": 0, "cut": 0}
     for record, where in named:
         text = record.get("text")
@@ -40,8 +40,8 @@ def load_texts(path, max_len, append_eos=None, max_records=None):
             counts["dropped_duplicate"] += 1
         else:
             seen.add(tuple(tokens))
-            counts["cut"] += len(tokens) > max_len - len(TEXT_PROMPT)
-            groups.append(PreferenceGroup(list(TEXT_PROMPT), [tokens[:max_len - len(TEXT_PROMPT)]], [(0, 0)], where))
+            counts["cut"] += len(tokens) > room
+            groups.append(PreferenceGroup(list(TEXT_PROMPT), [tokens[:room]], [(0, 0)], where))
     counts["texts"] = len(groups)
     if not groups:
         raise DataError(f"{path}: no non-empty text")

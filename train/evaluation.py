@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from data.batches import collate, left_pad, sft_pairs
 from data.records import read_prompts
 from data.tokenizer import EOT_ID, decode, encode
-from dpo import PairLogps, bradley_terry, chosen_logps, concatenated_logps, dpo_loss, pair_scores, span_kl
+from dpo import PairLogps, bradley_terry, chosen_logps, concatenated_logps, dpo_loss, sequence_scores, span_kl
 from train.config import logps_average, shares_prompt
 from train.rank0 import on_rank0
 from train.checkpoint import file_fingerprint
@@ -117,7 +117,7 @@ def evaluate_reward_model(model, eval_pairs, cfg, rank, world, device):
     if not eval_pairs:
         return {}
     model.eval()
-    scores = map_pairs(eval_pairs, lambda batch: torch.stack(pair_scores(model, batch).chunk(2), dim=-1),
+    scores = map_pairs(eval_pairs, lambda batch: torch.stack(sequence_scores(model, batch.input_ids).chunk(2), dim=-1),
                        cfg, rank, world, device)  # (N, 2)
     model.train()
     _, metrics = bradley_terry(*scores.unbind(-1))
