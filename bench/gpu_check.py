@@ -5,7 +5,7 @@ machine's start, 8 files back from its output folder).
 
     python3 bench/gpu_check.py "$OUT" --commit SHA               # all stages, 360 s budget
     python3 bench/gpu_check.py "$OUT" --commit SHA --only compile   # one stage again
-    python3 bench/gpu_check.py OUT --device cpu --budget 40      # the CPU dry run (tests/test_gpu_check.py)
+    python3 bench/gpu_check.py OUT --device cpu --budget 40      # the CPU dry run (tests/test_bench.py)
 
 Stages (estimated seconds on an H100/H200, box = the most a stage may take):
     probe            20 / 60   versions; a one-rank NCCL all-reduce (its log kept); bf16 matmul and copy

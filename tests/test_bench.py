@@ -157,8 +157,10 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_run_keeps_its_stage_order_time_boxes_and_eight_files(tmp_path):
     """The CPU dry run under a budget too short for every stage: the stages start in their order of
-    value, each within its time box, the budget's end cuts the running stage and skips the rest,
-    and the output folder holds the four promised files (the lent machine returns at most 8)."""
+    value, each within its time box or what is left of the budget, a stage is skipped exactly when
+    less than --min_start is left, and the output folder holds the four promised files (the lent
+    machine returns at most 8). How many stages fit depends on the machine's speed (the probe takes
+    4-9 s here), so nothing below counts on a stage after the probe running."""
     import tarfile
     from bench.gpu_check import STAGES
     out, budget, min_start = tmp_path / "out", 11, 3
@@ -174,8 +176,11 @@ def test_gpu_check_dry_run_keeps_its_stage_order_time_boxes_and_eight_files(tmp_
     assert records[0]["status"] == "ok" and records[0]["communication_ok"] is True
     ran = [r for r in records if r["status"] != "skipped"]
     assert records[:len(ran)] == ran  # once the budget is spent, every later stage is skipped
-    # budget_left_s is rounded to 0.1 s: a stage skipped with 2.96 s left reads 3.0
-    assert len(ran) >= 2 and all(r["budget_left_s"] < min_start + 0.05 for r in records[len(ran):])
+    # no machine fits all seven in 11 s: the throughput stage's workers alone need more to import
+    assert records[-1]["status"] == "skipped"
+    for r in records:  # budget_left_s is rounded to 0.1 s: a stage skipped with 2.96 s left reads 3.0
+        skipped = r["status"] == "skipped"
+        assert r["budget_left_s"] < min_start + 0.05 if skipped else r["budget_left_s"] > min_start - 0.05, r
     for r in ran:  # each within min(its box, what was left of the budget), a second for process start-up
         assert r["timeout_s"] == pytest.approx(min(r["box_s"], r["budget_left_s"]), abs=0.2)
         assert sum(c.get("seconds", 0) for c in r["commands"]) <= r["timeout_s"] + 1
