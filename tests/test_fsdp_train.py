@@ -300,11 +300,12 @@ def test_export_loads_in_transformers_and_reproduces_the_trainers_eval(single):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README's demo, its first half (24 of its 48 DPO steps), after its full SFT warm start: one
-    run for every test that reads it (made_once: one for both workers). Returns (out_dir, its output)."""
+    """The README's demo, its first third (16 of its 48 DPO steps at a constant learning rate), after
+    its full SFT warm start: one run for every test that reads it (made_once: one for both workers).
+    Returns (out_dir, its output)."""
     def demo(out_dir):
         result = run_in_process([f"--config_file={ROOT / 'config' / 'demo.yaml'}", f"--out_dir={out_dir}",
-                                 "--device=cpu", "--ckpt_every=0", "--epochs=2"])
+                                 "--device=cpu", "--ckpt_every=0", "--max_steps=16"])
         assert result.returncode == 0, result.stderr[-3000:]
         (out_dir / "stdout.txt").write_text(result.stdout)
 
