@@ -9,6 +9,9 @@ forward passes, and every later forward has the same count on every rank (the FS
 of the DPO authors' repository, issue #85, cannot happen here). The sampler's uniform draws are one
 table per step, (batch_size, max_new_tokens) from (seed, step), each row of the global batch its
 own: a rollout does not depend on how many ranks drew it, nor on the micro-batches they drew it in.
+Each rank scores its own rows; if the reward fails on one rank, every rank raises, the others naming
+that rank and its error (train/rank0.on_every_rank), instead of waiting in the next forward's
+all-gather (NCCL: until the process group's timeout, unless a launcher kills them first).
 """
 from dataclasses import dataclass
 
@@ -21,6 +24,7 @@ from dpo import padded_model_inputs, token_logps
 from ppo import entropy_of
 from data.tokenizer import decode
 from train.evaluation import continuations_of, sample, score_texts
+from train.rank0 import on_every_rank
 
 
 @dataclass
@@ -78,9 +82,10 @@ def rollout_chunk(policy, reference, prompts, uniforms, cfg, device):
     tokens, _, response_mask = sample(policy, prompts, cfg, device, seed=None, temperature=1.0, uniforms=uniforms)
     start = tokens.size(1) - cfg.max_new_tokens
     responses, mask = tokens[:, start:], response_mask[:, start:]
-    texts = continuations_of(tokens, response_mask)
-    scores = torch.tensor(score_texts(cfg.ppo_reward or cfg.reward, [decode(p) for p in prompts], texts, str(device)),
-                          device=device)
+    texts, reward = continuations_of(tokens, response_mask), cfg.ppo_reward or cfg.reward
+    # each rank scores its own rows; one that fails stops every rank (not a wait in the next forward)
+    scores = torch.tensor(on_every_rank(score_texts, device, f"score its rollouts with {reward}", reward,
+                                        [decode(p) for p in prompts], texts, str(device)), device=device)
     logps, values, _ = response_forward(policy, prompts, responses, head="both")
     ref_logps, _, _ = response_forward(reference, prompts, responses, head="lm")
     return responses, mask.to(torch.uint8), scores, logps, ref_logps, values
