@@ -17,10 +17,11 @@ Stages (estimated seconds on an H100/H200, box = the most a stage may take):
     throughput_rest  50 / 120  the same for gpt2-medium and gpt2-large
     compile         150 / 180  throughput of gpt2 with --compile; the compiled trainer run, recompiles logged
     extras            - / 180  only in the time left: 8-pair rows, gpt2-xl with checkpointing, the demo
-A stage starts only with at least --min_start seconds of the budget left, and runs for at most its
-box or what is left. --only reruns one stage without the probe, taking NCCL as working. If the
-NCCL probe fails, only what needs no process group on CUDA runs (transformers'
-throughput, the model-level parity tests), and comm.log in the archive holds NCCL's warnings.
+A stage starts only with at least --min_start seconds of the budget left (a --budget below
+--min_start is refused), and runs for at most its box or what is left. --only reruns one stage
+without the probe, taking NCCL as working. If the NCCL probe fails, only what needs no process group
+on CUDA runs (transformers' throughput, the model-level parity tests), and comm.log in the archive
+holds NCCL's warnings.
 
 What comes back in OUT_DIR, four files, each rewritten after every stage:
     summary.json    the headline numbers of every stage run so far
@@ -279,7 +280,10 @@ def commit_of(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.budget < args.min_start:
+        parser.error(f"--budget {args.budget:g} is less than --min_start {args.min_start:g}: no stage could start")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -290,6 +294,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     out_dir = os.path.abspath(args.out_dir)
     work_root = os.path.abspath(args.work_dir or tempfile.mkdtemp(prefix="gpu_check_"))
+    os.makedirs(work_root, exist_ok=True)  # packed after every stage, even when none has run yet
     deadline = time.monotonic() + args.budget
     log_file = open(os.path.join(out_dir, "log.txt"), "a")
 

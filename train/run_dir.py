@@ -61,15 +61,21 @@ def write_atomic(path, data):
     at the path it is given (safetensors' save_file; a figure's savefig, told its format). The temporary file is
     created anew, so the result has the usual mode 0o666 & ~umask (0644), never the mode of a
     leftover from a crash. (gpt2.py, which imports nothing of the project, writes its export the same
-    way; data/formats.py streams a download into a temporary file and renames it.)"""
+    way; data/formats.py streams a download into a temporary file and renames it.) A writer that
+    raises leaves neither file behind: the old one stays, the temporary one is removed."""
     tmp = path + ".tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)
-    if callable(data):
-        data(tmp)
-    else:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+    except BaseException:  # removed, then raised as it is
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
