@@ -17,8 +17,8 @@ Stages (estimated seconds on an H100/H200, box = the most a stage may take):
     throughput_rest  50 / 120  the same for gpt2-medium and gpt2-large
     compile         150 / 180  throughput of gpt2 with --compile; the compiled trainer run, recompiles logged
     extras            - / 180  only in the time left: 8-pair rows, gpt2-xl with checkpointing, the demo
-A stage starts only with at least --min_start seconds of the budget left (a --budget below
---min_start is refused), and runs for at most its box or what is left. --only reruns one stage
+A stage starts only with at least --min_start seconds of the budget left (a --budget not
+above --min_start is refused), and runs for at most its box or what is left. --only reruns one stage
 without the probe, taking NCCL as working. If the NCCL probe fails, only what needs no process group
 on CUDA runs (transformers' throughput, the model-level parity tests), and comm.log in the archive
 holds NCCL's warnings.
@@ -282,8 +282,8 @@ def commit_of(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.budget < args.min_start:
-        parser.error(f"--budget {args.budget:g} is less than --min_start {args.min_start:g}: no stage could start")
+    if args.budget <= args.min_start:
+        parser.error(f"--budget {args.budget:g} must be more than --min_start {args.min_start:g}: no stage could start")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():

@@ -31,9 +31,10 @@ def keep_freed_memory_in_the_heap():
     libc = ctypes.CDLL(None)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         return
-    for variable, (parameter, value) in settings.items():
+    for variable, (parameter, value) in settings.items():  # the mmap threshold first: a glibc that
+        if libc.mallopt(parameter, value) == 0:  # refuses it (older ones cap it at 32 MiB) gets none
+            return
         os.environ.setdefault(variable, str(value))
-        libc.mallopt(parameter, int(os.environ[variable]))
 
 
 keep_freed_memory_in_the_heap()

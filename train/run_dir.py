@@ -62,7 +62,7 @@ def write_atomic(path, data):
     created anew, so the result has the usual mode 0o666 & ~umask (0644), never the mode of a
     leftover from a crash. (gpt2.py, which imports nothing of the project, writes its export the same
     way; data/formats.py streams a download into a temporary file and renames it.) A writer that
-    raises leaves neither file behind: the old one stays, the temporary one is removed."""
+    raises leaves no temporary file behind, and the old file (if any) as it was."""
     tmp = path + ".tmp"
     if os.path.lexists(tmp):
         os.remove(tmp)
