@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import memory_estimate
+import warm
 from conftest import ROOT
 from data.batches import PackedBatch
 from gpt2 import GPTConfig
@@ -43,9 +44,10 @@ def load_bench():
 
 
 def run_script(tmp_path, *extra, expect_failure=False):
-    result = subprocess.run([sys.executable, str(SCRIPT), *TINY, f"--results_dir={tmp_path}",
-                             f"--json={tmp_path / 'out.json'}", *extra],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """`python bench/throughput.py TINY EXTRA`, started warm (tests/warm.py: its workers, the processes
+    it measures, start as the script starts them, fresh)."""
+    result = warm.run([str(SCRIPT), *TINY, f"--results_dir={tmp_path}", f"--json={tmp_path / 'out.json'}", *extra],
+                      timeout=300)
     assert result.returncode == (1 if expect_failure else 0), result.stdout[-3000:] + result.stderr[-3000:]
     with open(tmp_path / "out.json") as f:
         return json.load(f), result.stdout
@@ -142,13 +144,12 @@ def test_fsdp_memory_two_ranks_hold_half_the_training_state(tmp_path):
 
 # ----------------------------------------------------------------------------- gpu_check.py: the staged GPU check
 
-GPU_CHECK = [sys.executable, "bench/gpu_check.py"]
+GPU_CHECK = ["bench/gpu_check.py"]  # started warm (tests/warm.py); its stages start their processes fresh
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
-    result = subprocess.run([*GPU_CHECK, str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = warm.run([*GPU_CHECK, str(tmp_path / "results")], timeout=120)
     assert result.returncode == 2
     assert "gpu_check: needs CUDA" in result.stderr and "nothing was run" in result.stderr
     assert not (tmp_path / "results").exists()
@@ -165,9 +166,8 @@ def test_gpu_check_dry_run_keeps_its_stage_order_time_boxes_and_eight_files(tmp_
     from bench.gpu_check import STAGES
     out, budget, min_start = tmp_path / "out", 13, 3  # the probe alone took 8.8 s on a busy machine
     start = time.monotonic()
-    result = subprocess.run([*GPU_CHECK, str(out), "--device=cpu", f"--budget={budget}", f"--min_start={min_start}",
-                             "--commit=abc1234",
-                             f"--work_dir={tmp_path / 'work'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = warm.run([*GPU_CHECK, str(out), "--device=cpu", f"--budget={budget}", f"--min_start={min_start}",
+                       "--commit=abc1234", f"--work_dir={tmp_path / 'work'}"], timeout=120)
     elapsed = time.monotonic() - start
     assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "stages.jsonl", "stages.tar.gz", "summary.json"]
@@ -216,9 +216,8 @@ def test_gpu_check_starts_no_stage_with_less_than_min_start_left(tmp_path, capsy
 def test_gpu_check_only_one_stage_cut_at_its_time_box_with_its_workers(tmp_path):
     """--only runs one stage; a stage past its time (4 s: two throughput workers cannot even import
     torch and transformers in it) is killed with the processes it started, and recorded as a timeout."""
-    result = subprocess.run([*GPU_CHECK, str(tmp_path), "--device=cpu", "--only=throughput_key", "--budget=4",
-                             "--min_start=1", f"--work_dir={tmp_path / 'work'}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = warm.run([*GPU_CHECK, str(tmp_path), "--device=cpu", "--only=throughput_key", "--budget=4",
+                       "--min_start=1", f"--work_dir={tmp_path / 'work'}"], timeout=120)
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     records = [json.loads(line) for line in (tmp_path / "stages.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["status"]) for r in records] == [("throughput_key", "timeout")]

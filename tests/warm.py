@@ -1,7 +1,8 @@
 """Processes for the tests that need one (a run killed, signalled or compared bitwise with one that
-was; ranks of a multi-process run), started warm: forked from one server that imported torch and the
-project once (tests/warm_server.py), so a run costs its own work instead of another 3 s of imports
-each time (4-6 s for a torchrun launch of two ranks).
+was; ranks of a multi-process run; the bench scripts, which start their measured workers fresh
+themselves), started warm: forked from one server that imported torch and the project once
+(tests/warm_server.py), so a run costs its own work instead of another 3 s of imports each time (4-6 s
+for a torchrun launch of two ranks).
 
 A warm process is a real process running `python SCRIPT ARGS` as the interpreter would run it: its
 own pid, environment, working directory, stdout and stderr; SIGKILL and SIGTERM reach it, and its
