@@ -2,14 +2,11 @@
 raises while working alone, or any rank while working on its own share, reaches every rank, so none
 waits in a collective until a timeout. And run_dir.check_shared_out_dir, which refuses an out_dir
 that only some ranks see."""
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
-from conftest import ROOT
-from warm import free_port
+import warm
 
 pytestmark = pytest.mark.slow
 
@@ -66,9 +63,10 @@ WORKER = textwrap.dedent("""
 def two_ranks(tmp_path_factory):
     """The output of rank 0 and rank 1, each having called on_rank0 with the three kinds of work,
     then check_shared_out_dir on a shared out_dir and on per-rank ones."""
-    port, out_dir = str(free_port()), str(tmp_path_factory.mktemp("out"))
-    ranks = [subprocess.Popen([sys.executable, "-c", WORKER, str(rank), port, out_dir], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    port, out_dir = str(warm.free_port()), str(tmp_path_factory.mktemp("out"))
+    worker = tmp_path_factory.mktemp("worker") / "worker.py"
+    worker.write_text(WORKER)
+    ranks = [warm.popen([str(worker), str(rank), port, out_dir]) for rank in (0, 1)]  # started warm
     outputs = [rank.communicate(timeout=60)[0] for rank in ranks]
     assert all(rank.returncode == 0 and "done" in out for rank, out in zip(ranks, outputs)), outputs
     return outputs
