@@ -62,7 +62,7 @@ WORKER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """The output of rank 0 and rank 1, each having called on_rank0 with the three kinds of work,
-    then check_shared_out_dir on a shared out_dir and on per-rank ones."""
+    on_every_rank with four, then check_shared_out_dir on a shared out_dir and on per-rank ones."""
     port, out_dir = str(warm.free_port()), str(tmp_path_factory.mktemp("out"))
     worker = tmp_path_factory.mktemp("worker") / "worker.py"
     worker.write_text(WORKER)

@@ -153,7 +153,9 @@ def continuations_of(tokens, response_mask):
     return [decode(row[m].tolist()).split("<|endoftext|>")[0] for row, m in zip(tokens.cpu(), response_mask.cpu())]
 
 
-_reward_models = {}  # spec -> loaded reward model (rank 0 holds those of the evals, every rank those of its PPO rollouts; loading a classifier takes seconds)
+# spec -> loaded reward model: rank 0 holds those of the evals, every rank those of its PPO rollouts
+# (loading a classifier takes seconds)
+_reward_models = {}
 
 
 def reward_of(cfg, prompts, continuations, device) -> list[float]:
