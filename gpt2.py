@@ -638,11 +638,13 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
 
     Peak memory is one copy of the model in `dtype` plus one tensor: safetensors maps the file and
     each tensor is converted as it is read. Each tensor comes from the shard the index assigns it to
-    (keys_to_read). Missing, unexpected and mis-shaped keys are reported together in one error.
+    (keys_to_read). Missing, unexpected and mis-shaped keys are reported together in one error; so
+    are tensors holding NaN or inf (a diverged or damaged model: its logits would be NaN, and its
+    samples, without this, silently all <|endoftext|>).
     """
     with torch.device("meta"):
         expected = {k: v.shape for k, v in GPT(config, score_head).state_dict().items() if k != TIED_HEAD}
-    state_dict, read_from, unexpected, wrong_shape, files = {}, {}, [], [], weight_files(path)
+    state_dict, read_from, unexpected, wrong_shape, non_finite, files = {}, {}, [], [], [], weight_files(path)
     assigned_file = {key: file for file, keys in files.items() for key in keys or ()}
     for file, assigned in files.items():
         with open_safetensors(file) as handle:
@@ -664,6 +666,8 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
                     wrong_shape.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(expected[name])}")
                     continue
                 state_dict[name] = tensor.to(device=device, dtype=dtype).contiguous()
+                if not bool(torch.isfinite(state_dict[name]).all()):
+                    non_finite.append(key)
     missing = sorted(set(expected) - set(state_dict) - {w.split(":")[0] for w in wrong_shape})
     if missing or unexpected or wrong_shape:
         problems = []
@@ -672,6 +676,10 @@ def read_hf_state_dict(path: str, config: GPTConfig, dtype=torch.float32, device
                 problems.append(f"{len(keys)} {label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
         raise WeightsError(f"{path}: weights do not match config.json (n_layer={config.n_layer}, "
                          f"n_embd={config.n_embd}, vocab_size={config.vocab_size}): " + "; ".join(problems))
+    if non_finite:
+        raise WeightsError(f"{path}: {len(non_finite)} tensor(s) hold NaN or inf values as {dtype}: "
+                           f"{', '.join(non_finite[:8])}{' ...' if len(non_finite) > 8 else ''}; such a model's "
+                           "logits, samples and losses would be meaningless")
     return state_dict
 
 

@@ -201,6 +201,26 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path, small_pair):
     assert "transformer.h.0.ln_1.weight: file (3,) vs model (64,)" in message
 
 
+def test_weights_holding_nan_or_inf_are_named_not_sampled(tmp_path, small_pair):
+    """A diverged or damaged model: its NaN logits made every sample <|endoftext|>, silently (the
+    inverse-CDF sampler finds no token under a NaN total); its tensors are named when it is read,
+    and sample.py says so in one line (exit 2)."""
+    from errors import exit_code_of
+    import sample
+    _, ours, _ = small_pair
+    ours.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["transformer.h.1.attn.c_proj.weight"][3, 5] = float("nan")
+    tensors["transformer.ln_f.bias"][0] = float("inf")
+    save_file(tensors, weights)
+    with pytest.raises(WeightsError, match=r"2 tensor\(s\) hold NaN or inf values as torch\.float32: "
+                                           r"transformer\.h\.1\.attn\.c_proj\.weight, transformer\.ln_f\.bias"):
+        GPT.from_pretrained(str(tmp_path / "m"))
+    assert exit_code_of(sample.main, ["--model", str(tmp_path / "m"), "--device", "cpu"]) == 2
+
+
 def test_missing_config_json_is_a_clear_error(tmp_path, small_pair):
     _, ours, _ = small_pair
     ours.save_pretrained(tmp_path / "m")
