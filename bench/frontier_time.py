@@ -46,7 +46,8 @@ import fsdp_train  # noqa: E402
 import ppo_train  # noqa: E402
 from bench.report import git_state  # noqa: E402
 from errors import ConfigError, exit_code_of  # noqa: E402
-from generate_pairs import generate_pairs  # noqa: E402
+from data.records import read_prompts  # noqa: E402
+from generate_pairs import generate_pairs, write_jsonl  # noqa: E402
 from gpt2 import GPT, GPTConfig, PRESETS, looks_like_a_path, read_hf_config  # noqa: E402
 from train.config import parse_args  # noqa: E402
 from train.distributed import resolve_device  # noqa: E402
@@ -122,8 +123,7 @@ def ground_truth_reward(spec, policy, args, work) -> str:
 
 
 def write_lines(path, records):
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
+    write_jsonl(path, records)  # generate_pairs.py's
     return path
 
 
@@ -223,7 +223,7 @@ def measure_pairs(cfg, paths, models, work, device) -> dict:
     generation = frontier.generation_options(cfg)
     model = GPT.from_pretrained(models["policy"], device=device).eval()  # as frontier.pairs_stage loads it
     reward = load_reward(models["reward"], device=str(device))
-    prompts = [json.loads(line)["prompt"] for line in open(paths["prompts"])]
+    prompts = read_prompts(paths["prompts"])
     n_prompts = max(1, min(len(prompts), generation["batch_size"] // generation["k"]))
     generate_pairs(model, prompts[:1], reward, device=device, **generation)
     sync(device)
